@@ -1,0 +1,73 @@
+"""The `dsv3` command: one subcommand per job, each with --help.
+
+User mistakes raise a `Dsv3Error`; `main` prints its message on one line and exits 2,
+with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dsv3.errors import Dsv3Error
+
+
+def _cmd_info(ns: argparse.Namespace) -> int:
+    from dsv3.config import ModelArgs
+    from dsv3.info import info
+
+    args = ModelArgs.load(ns.config)
+    out = info(args)
+    if ns.json:
+        print(json.dumps(out))
+        return 0
+    print(f"config                          {ns.config}")
+    print(f"total parameters (main model)   {out['total_params']:>20,}")
+    print(f"activated per token             {out['active_params']:>20,}  (incl. embedding and head)")
+    print(f"MTP modules ({args.n_mtp_layers})                 {out['mtp_params']:>20,}  (unique parameters)")
+    print(f"KV cache per token, absorbed    {out['kv_cache_bytes_per_token']:>20,} B  (bf16)")
+    print(f"KV cache per token, naive       {out['kv_cache_bytes_per_token_naive']:>20,} B  (bf16)")
+    return 0
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from dsv3.generation import main_generate
+
+    return main_generate(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3, understood and run.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("info", help="parameter counts and KV-cache size of a config",
+                       description="Total / activated / MTP parameters and KV-cache bytes per token.")
+    q.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_info)
+
+    from dsv3.generation import add_generate_args
+
+    g = sub.add_parser("generate", help="generate text or tokens from a checkpoint or preset",
+                       description="Generate from a Hugging Face DeepSeek-V3 checkpoint (or a random preset).")
+    add_generate_args(g)
+    g.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except Dsv3Error as e:
+        print(f"dsv3 {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dsv3 {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""ModelArgs: every number that defines a DeepSeek-V3-family model, under the official names.
+
+The field names are those of the official `inference/model.py` ModelArgs, so the
+official `config_*.json` files load as they are; the Hugging Face `config.json`
+names are mapped in `from_hf_config` / `to_hf_config`. Fields below the
+"dsv3" marker are ours: they are either read from a checkpoint (`gate_bias`,
+`n_mtp_layers`, `norm_eps`) or choose an implementation (`attn_impl`,
+`gemm_impl`) -- never inferred from a magic size such as `dim == 7168`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dsv3.errors import ConfigError
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelArgs:
+    # --- official fields (defaults = the official ModelArgs defaults, i.e. the 16B shape) ---
+    max_batch_size: int = 8  # official only; dsv3 sizes caches per request, this is ignored
+    max_seq_len: int = 16384  # longest sequence a cache may hold (prompt + generated)
+    dtype: Literal["bf16", "fp8"] = "bf16"  # storage of the Linear weights in the checkpoint
+    scale_fmt: str | None = None  # activation scale format for the fp8 GEMM: None or "ue8m0" (V3.1)
+    vocab_size: int = 102400  # tokens in the vocabulary
+    dim: int = 2048  # model (hidden) width
+    inter_dim: int = 10944  # hidden width of the dense MLP layers
+    moe_inter_dim: int = 1408  # hidden width of one expert
+    n_layers: int = 27  # decoder blocks in the main model (MTP modules not included)
+    n_dense_layers: int = 1  # the first n_dense_layers blocks use a dense MLP instead of MoE
+    n_heads: int = 16  # attention heads
+    n_routed_experts: int = 64  # routed experts per MoE layer
+    n_shared_experts: int = 2  # shared experts (one MLP of width n_shared * moe_inter_dim)
+    n_activated_experts: int = 6  # routed experts chosen per token (top-k)
+    n_expert_groups: int = 1  # experts are split in this many groups for group-limited routing
+    n_limited_groups: int = 1  # a token may only use experts in its best n_limited_groups groups
+    score_func: Literal["softmax", "sigmoid"] = "softmax"  # gate scores
+    route_scale: float = 1.0  # routed output multiplier
+    q_lora_rank: int = 0  # q latent width; 0 = a direct wq projection (no q compression)
+    kv_lora_rank: int = 512  # kv latent width (what the absorbed cache stores per token)
+    qk_nope_head_dim: int = 128  # per-head q/k width without position
+    qk_rope_head_dim: int = 64  # per-head q/k width that carries RoPE (k_pe shared by all heads)
+    v_head_dim: int = 128  # per-head value width
+    original_seq_len: int = 4096  # context the model was pretrained at (YaRN's reference length)
+    rope_theta: float = 10000.0  # RoPE base
+    rope_factor: float = 40.0  # YaRN context-extension factor (1 = plain RoPE)
+    beta_fast: int = 32  # YaRN: rotations above which frequencies are kept
+    beta_slow: int = 1  # YaRN: rotations below which frequencies are divided by rope_factor
+    mscale: float = 1.0  # YaRN attention-temperature coefficient (HF: rope_scaling.mscale_all_dim)
+    # --- dsv3 fields ---
+    n_mtp_layers: int = 0  # multi-token-prediction modules (HF num_nextn_predict_layers; V3: 1)
+    gate_bias: bool | None = None  # gate has a correction bias; None = sigmoid scoring implies it
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    attn_impl: Literal["absorb", "naive"] = "absorb"  # absorbed latent cache, or per-head K/V
+    gemm_impl: Literal["bf16", "fp8"] = "bf16"  # how a Linear with FP8 weights multiplies
+    moe_impl: Literal["grouped", "loop"] = "grouped"  # expert dispatch: sorted by expert, or one expert at a time
+    official_yarn_gate: bool = False  # True: YaRN only if max_seq_len > original_seq_len (official code)
+    block_size: int = 128  # FP8 weight block edge (weight_block_size in HF quantization_config)
+
+    def __post_init__(self) -> None:
+        if self.gate_bias is None:
+            self.gate_bias = self.score_func == "sigmoid"
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def yarn(self) -> bool:
+        """Whether YaRN rescales RoPE (and the softmax temperature) for this config."""
+        if self.rope_factor <= 1:
+            return False
+        return self.max_seq_len > self.original_seq_len if self.official_yarn_gate else True
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        if self.yarn:
+            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return layer_id >= self.n_dense_layers
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown ModelArgs field(s) {unknown}; known: {_field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{name} must be a positive integer, got {v!r}")
+        for name in ("q_lora_rank", "n_dense_layers", "n_mtp_layers", "n_shared_experts", "qk_nope_head_dim"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"{name} must be a non-negative integer, got {v!r}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        need(self.n_dense_layers <= self.n_layers,
+             f"n_dense_layers ({self.n_dense_layers}) cannot exceed n_layers ({self.n_layers})")
+        need(self.score_func in ("softmax", "sigmoid"), f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        need(self.attn_impl in ("absorb", "naive"), f"attn_impl must be 'absorb' or 'naive', got {self.attn_impl!r}")
+        need(self.gemm_impl in ("bf16", "fp8"), f"gemm_impl must be 'bf16' or 'fp8', got {self.gemm_impl!r}")
+        need(self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
+        need(self.dtype in ("bf16", "fp8"), f"dtype must be 'bf16' or 'fp8', got {self.dtype!r}")
+        need(self.scale_fmt in (None, "ue8m0"), f"scale_fmt must be null or 'ue8m0', got {self.scale_fmt!r}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.rope_factor >= 1 or self.rope_factor == 0, f"rope_factor must be >= 1, got {self.rope_factor}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+        if self.n_layers > self.n_dense_layers:  # the model has MoE layers
+            need(self.n_routed_experts > 0, f"n_routed_experts must be positive, got {self.n_routed_experts}")
+            need(self.n_expert_groups > 0, f"n_expert_groups must be positive, got {self.n_expert_groups}")
+            need(self.n_routed_experts % self.n_expert_groups == 0,
+                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_expert_groups "
+                 f"({self.n_expert_groups})")
+            need(1 <= self.n_limited_groups <= self.n_expert_groups,
+                 f"n_limited_groups ({self.n_limited_groups}) must be between 1 and n_expert_groups "
+                 f"({self.n_expert_groups})")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            need(1 <= self.n_activated_experts <= self.n_limited_groups * per_group,
+                 f"n_activated_experts ({self.n_activated_experts}) must be between 1 and the experts in the "
+                 f"kept groups (n_limited_groups * n_routed_experts / n_expert_groups = "
+                 f"{self.n_limited_groups * per_group})")
+            if self.gate_bias and self.n_expert_groups > 1:
+                need(per_group >= 2, "with a gate bias, group scores sum the top-2 experts of each group, "
+                     f"so each group needs >= 2 experts (got {per_group})")
+
+    # ------------------------------------------------------------------ presets and files
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelArgs:
+        presets = _presets()
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name].replace(**overrides) if overrides else presets[name]
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return sorted(_presets())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> ModelArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; expected official ModelArgs names")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelArgs:
+        """An official inference config (`configs/config_671B.json` ...)."""
+        d = _read_json(path)
+        if "hidden_size" in d or "model_type" in d:
+            return cls.from_hf_config(d, source=str(path))
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_hf_config(cls, cfg: str | os.PathLike | dict[str, Any], *, source: str | None = None) -> ModelArgs:
+        """A Hugging Face `config.json` (a dict, the file, or the directory that holds it)."""
+        if not isinstance(cfg, dict):
+            p = Path(cfg)
+            if p.is_dir():
+                p = p / "config.json"
+            source = source or str(p)
+            cfg = _read_json(p)
+        source = source or "config.json"
+        return cls.from_dict(_hf_to_official(cfg, source), source=source)
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike) -> ModelArgs:
+        """A preset name, an official or HF config file, or a checkpoint directory."""
+        s = str(spec)
+        if s in _presets():
+            return cls.preset(s)
+        p = Path(s)
+        if p.is_dir():
+            return cls.from_hf_config(p)
+        if p.is_file():
+            return cls.from_json(p)
+        raise ConfigError(f"{s!r} is neither a preset ({', '.join(sorted(_presets()))}), "
+                          "a config file nor a checkpoint directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` for this model (inverse of `from_hf_config`)."""
+        cfg: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.inter_dim,
+            "moe_intermediate_size": self.moe_inter_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_nextn_predict_layers": self.n_mtp_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_heads,
+            "n_shared_experts": self.n_shared_experts,
+            "n_routed_experts": self.n_routed_experts,
+            "routed_scaling_factor": self.route_scale,
+            "kv_lora_rank": self.kv_lora_rank,
+            "q_lora_rank": self.q_lora_rank or None,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "topk_method": "noaux_tc" if self.gate_bias else ("group_limited_greedy" if self.n_expert_groups > 1 else "greedy"),
+            "n_group": self.n_expert_groups,
+            "topk_group": self.n_limited_groups,
+            "num_experts_per_tok": self.n_activated_experts,
+            "moe_layer_freq": 1,
+            "first_k_dense_replace": self.n_dense_layers,
+            "norm_topk_prob": self.score_func == "sigmoid",
+            "scoring_func": self.score_func,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
+        if self.rope_factor > 1:
+            cfg["rope_scaling"] = {
+                "type": "yarn",
+                "factor": self.rope_factor,
+                "original_max_position_embeddings": self.original_seq_len,
+                "beta_fast": self.beta_fast,
+                "beta_slow": self.beta_slow,
+                "mscale": self.mscale,
+                "mscale_all_dim": self.mscale,
+            }
+        if self.dtype == "fp8":
+            cfg["quantization_config"] = {
+                "activation_scheme": "dynamic",
+                "fmt": "e4m3",
+                "quant_method": "fp8",
+                "weight_block_size": [self.block_size, self.block_size],
+            }
+            if self.scale_fmt:
+                cfg["quantization_config"]["scale_fmt"] = self.scale_fmt
+        return cfg
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelArgs)]
+
+
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+# HF name -> official name, for fields that are plain renames.
+_HF_RENAMES = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "intermediate_size": "inter_dim",
+    "moe_intermediate_size": "moe_inter_dim",
+    "num_hidden_layers": "n_layers",
+    "first_k_dense_replace": "n_dense_layers",
+    "num_attention_heads": "n_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts",
+    "n_group": "n_expert_groups",
+    "topk_group": "n_limited_groups",
+    "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "rope_theta": "rope_theta",
+    "num_nextn_predict_layers": "n_mtp_layers",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_seq_len",
+}
+
+
+def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    mt = cfg.get("model_type")
+    if mt not in (None, "deepseek_v3", "deepseek_v2"):
+        raise ConfigError(f"{source}: model_type {mt!r} is not a DeepSeek-V3 family model "
+                          "(expected 'deepseek_v3' or 'deepseek_v2')")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {missing}")
+    out: dict[str, Any] = {}
+    for hf, ours in _HF_RENAMES.items():
+        if cfg.get(hf) is not None:
+            out[ours] = cfg[hf]
+    # transformers' config class writes some fields under its own attribute names
+    if cfg.get("num_mtp_layers") is not None and "num_nextn_predict_layers" not in cfg:
+        out["n_mtp_layers"] = cfg["num_mtp_layers"]
+    if "n_routed_experts" not in out and cfg.get("num_local_experts") is not None:
+        out["n_routed_experts"] = cfg["num_local_experts"]
+    out["q_lora_rank"] = cfg.get("q_lora_rank") or 0
+    if cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
+        raise ConfigError(f"{source}: num_key_value_heads must equal num_attention_heads for MLA")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} unsupported (DeepSeek-V3 uses 'silu')")
+    if cfg.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true is not part of DeepSeek-V3")
+    if cfg.get("tie_word_embeddings"):
+        raise ConfigError(f"{source}: tie_word_embeddings=true is not part of DeepSeek-V3")
+    freq = cfg.get("moe_layer_freq", 1)
+    if freq != 1:
+        raise ConfigError(f"{source}: moe_layer_freq {freq} unsupported (DeepSeek-V3 uses 1)")
+    method = cfg.get("topk_method", "noaux_tc" if out.get("score_func", "softmax") == "sigmoid" else "greedy")
+    if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+        raise ConfigError(f"{source}: topk_method {method!r} unsupported (expected noaux_tc, greedy "
+                          "or group_limited_greedy)")
+    out["gate_bias"] = method == "noaux_tc"
+    score = out.get("score_func", "softmax")
+    norm = cfg.get("norm_topk_prob", score == "sigmoid")
+    if bool(norm) != (score == "sigmoid"):
+        raise ConfigError(f"{source}: norm_topk_prob={norm} with scoring_func={score!r} is not a DeepSeek "
+                          "combination (sigmoid renormalises the top-k weights, softmax does not)")
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    rtype = (rs or {}).get("type", (rs or {}).get("rope_type", "default")) if rs else "default"
+    if rs and "rope_theta" in rs and "rope_theta" not in cfg:
+        out["rope_theta"] = rs["rope_theta"]
+    if rtype == "yarn":
+        out["rope_factor"] = rs["factor"]
+        out["original_seq_len"] = rs.get("original_max_position_embeddings", 4096)
+        out["beta_fast"] = rs.get("beta_fast", 32)
+        out["beta_slow"] = rs.get("beta_slow", 1)
+        m_all = rs.get("mscale_all_dim", 0) or 0
+        m = rs.get("mscale", 1) or 1
+        if m_all and m != m_all:
+            raise ConfigError(f"{source}: rope_scaling.mscale ({m}) != mscale_all_dim ({m_all}) rescales cos/sin, "
+                              "which DeepSeek checkpoints do not use; unsupported")
+        out["mscale"] = m_all
+    elif rtype == "default":
+        out["rope_factor"] = 1.0
+        out["original_seq_len"] = min(out.get("max_seq_len", 4096), 4096)
+        out["mscale"] = 0.0
+    else:
+        raise ConfigError(f"{source}: rope_scaling type {rtype!r} unsupported (expected 'yarn' or none)")
+    q = cfg.get("quantization_config")
+    if q:
+        if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"{source}: quantization_config {q} unsupported (expected fp8 e4m3 blocks)")
+        bs = q.get("weight_block_size", [128, 128])
+        if len(bs) != 2 or bs[0] != bs[1]:
+            raise ConfigError(f"{source}: weight_block_size {bs} unsupported (expected square blocks)")
+        out["dtype"] = "fp8"
+        out["block_size"] = bs[0]
+        if q.get("scale_fmt"):
+            out["scale_fmt"] = q["scale_fmt"]
+    if "n_routed_experts" not in out:  # a dense-only config
+        out["n_dense_layers"] = out["n_layers"]
+    return out
+
+
+def _presets() -> dict[str, ModelArgs]:
+    tiny = ModelArgs(
+        # every feature on, sized for a CPU forward in milliseconds; dims deliberately not powers of two
+        max_seq_len=256, vocab_size=512, dim=96, inter_dim=192, moe_inter_dim=48, n_layers=3,
+        n_dense_layers=1, n_heads=3, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=40,
+        kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=64,
+        rope_factor=4.0, n_mtp_layers=1,
+    )
+    return {
+        "tiny": tiny,
+        "16B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_16B.json").read_text())),
+        "236B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_236B.json").read_text())),
+        "671B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_671B.json").read_text()))
+        .replace(n_mtp_layers=1),
+    }

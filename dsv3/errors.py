@@ -1,0 +1,21 @@
+"""The one family of errors dsv3 raises for user mistakes.
+
+The CLI catches `Dsv3Error`, prints its message on one line and exits with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class Dsv3Error(Exception):
+    """Base class: a user-facing problem whose message says what is wrong and what was expected."""
+
+
+class ConfigError(Dsv3Error, ValueError):
+    """A configuration field is missing, malformed or inconsistent."""
+
+
+class CheckpointError(Dsv3Error):
+    """A checkpoint directory, index, shard or tensor is missing or not what the config implies."""
+
+
+class UsageError(Dsv3Error, ValueError):
+    """A bad argument to a public function or command (prompt, sampling parameter, ...)."""

@@ -1,0 +1,102 @@
+"""FP8 block formats of DeepSeek-V3 and their plain torch references.
+
+Weights: float8_e4m3fn with one float32 scale per 128×128 block (HF name
+`weight_scale_inv`, although it is a multiplier: real = fp8 × scale); edge blocks
+may be partial. Activations: one scale per token per 128 channels,
+s = max(amax, 1e-4) / 448. The GEMM accumulates each 128-wide K block in float32
+and multiplies the partial sum by both scales:
+
+    C[m, n] = Σ_kb (Σ_{k ∈ kb} a[m, k] · b[n, k]) · a_s[m, kb] · b_s[n // 128, kb]
+
+These functions are what runs on CPU and the oracle the Triton kernels in
+`dsv3.kernels` are tested against. On CUDA, `fp8_linear` dispatches to the kernels
+(imported lazily: the model runs without triton).
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_to_blocks(x: torch.Tensor, block_size: int, dims: tuple[int, ...]) -> torch.Tensor:
+    pad: list[int] = []
+    for d in range(x.dim() - 1, -1, -1):
+        extra = (-x.shape[d]) % block_size if d in dims else 0
+        pad += [0, extra]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
+def _round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round a positive float32 scale up to the next power of two (exactly)."""
+    return torch.exp2(torch.ceil(torch.log2(s)))
+
+
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the last axis of x in tiles of `block_size`: (y float8_e4m3fn like x, s float32 (..., ceil(K/bs)))."""
+    k = x.shape[-1]
+    nb = _ceil_div(k, block_size)
+    xf = _pad_to_blocks(x.float(), block_size, (x.dim() - 1,)).unflatten(-1, (nb, block_size))
+    amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)  # (..., nb)
+    s = amax / E4M3_MAX
+    if scale_fmt == "ue8m0":
+        s = _round_scale_ue8m0(s)
+    elif scale_fmt is not None:
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+    y = (xf / s[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return y.flatten(-2)[..., :k], s
+
+
+def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D weight (N, K) per block_size² block: (q float8_e4m3fn (N, K), s float32 (⌈N/bs⌉, ⌈K/bs⌉))."""
+    n, k = w.shape
+    nbn, nbk = _ceil_div(n, block_size), _ceil_div(k, block_size)
+    wb = _pad_to_blocks(w.float(), block_size, (0, 1)).reshape(nbn, block_size, nbk, block_size)
+    s = wb.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR) / E4M3_MAX  # (nbn, nbk)
+    q = (wb / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(nbn * block_size, nbk * block_size)[:n, :k].contiguous(), s
+
+
+def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """q (N, K) fp8 × per-block s (⌈N/bs⌉, ⌈K/bs⌉) → (N, K) in `dtype`, computed in float32."""
+    n, k = q.shape
+    scale = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]
+    return (q.float() * scale).to(dtype)
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, block_size: int = 128) -> torch.Tensor:
+    """a (..., K) fp8 with a_s (..., ⌈K/bs⌉); b (N, K) fp8 with b_s (⌈N/bs⌉, ⌈K/bs⌉) → (..., N)."""
+    k = a.shape[-1]
+    n = b.shape[0]
+    nb = _ceil_div(k, block_size)
+    af = _pad_to_blocks(a.float(), block_size, (a.dim() - 1,)).unflatten(-1, (nb, block_size))  # (..., kb, 128)
+    bf = _pad_to_blocks(b.float(), block_size, (1,)).unflatten(-1, (nb, block_size))  # (N, kb, 128)
+    partial = torch.einsum("...ic,nic->...ni", af, bf)  # (..., N, kb): one fp32 sum per K block
+    bscale = b_s.repeat_interleave(block_size, 0)[:n]  # (N, kb)
+    out = (partial * a_s.unsqueeze(-2) * bscale).sum(-1)
+    return out.to(out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, gemm_impl: str = "bf16",
+               block_size: int = 128, scale_fmt: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ for an FP8 block-scaled W, by dequantising W ("bf16") or through act_quant + fp8_gemm ("fp8")."""
+    if gemm_impl == "bf16":
+        return torch.nn.functional.linear(x, weight_dequant(weight, scale, block_size, x.dtype))
+    if gemm_impl != "fp8":
+        raise ValueError(f"gemm_impl must be 'bf16' or 'fp8', got {gemm_impl!r}")
+    if x.is_cuda:
+        from dsv3.kernels import fp8_gemm as kgemm
+        from dsv3.kernels import fp8_quant as kquant
+
+        xq, xs = kquant.act_quant(x.contiguous(), block_size, scale_fmt)
+        return kgemm.fp8_gemm(xq, xs, weight, scale, out_dtype=x.dtype)
+    xq, xs = act_quant(x, block_size, scale_fmt)
+    return fp8_gemm(xq, xs, weight, scale, out_dtype=x.dtype, block_size=block_size)

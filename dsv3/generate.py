@@ -1,0 +1,11 @@
+"""Entry point for `python -m dsv3.generate ...` (what `torchrun` launches): same as `dsv3 generate`.
+
+The code lives in `dsv3.generation`; import `dsv3.generate` the function, never this module.
+"""
+
+import sys
+
+from dsv3.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,157 @@
+"""Batched generation with the latent cache: greedy or sampled (temperature, top-k, top-p).
+
+Prompts of different lengths run in lockstep: every sequence starts decoding at the
+shortest prompt's length, and while a sequence is still inside its prompt, its own
+prompt token replaces the sampled one. No padding token ever enters attention, so
+each sequence sees exactly what it would see alone (greedy tokens match one-by-one
+decoding; tests hold them equal).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.errors import UsageError
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature >= 0:
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of logits (b, v): argmax when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
+             on_token=None) -> list[list[int]]:
+    """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
+
+    `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
+    """
+    check_sampling(temperature, top_p, top_k)
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    vocab = model.args.vocab_size
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"prompt {i}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    lens = [len(p) for p in prompts]
+    total = max(lens) + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                         f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+
+    device = model.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    b = len(prompts)
+    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    prompt_len = torch.tensor(lens, device=device)
+    in_prompt = torch.arange(total, device=device)[None, :] < prompt_len[:, None]  # (b, total)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    cache = model.new_cache(b, total)
+
+    prev = 0
+    start = min(lens)
+    for cur in range(start, total):
+        logits = model(tokens[:, prev:cur], prev, cache)[:, -1]
+        nxt = sample(logits, temperature, top_p, top_k, gen)
+        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+        tokens[:, cur] = nxt
+        generated = ~in_prompt[:, cur]
+        if on_token is not None:
+            on_token(cur, nxt, generated & ~finished)
+        if eos_id is not None:
+            finished |= generated & (nxt == eos_id)
+        prev = cur
+        if finished.all():
+            break
+    out = []
+    for i, p in enumerate(prompts):
+        new = tokens[i, len(p): len(p) + max_new_tokens].tolist()[: max(0, prev + 1 - len(p))]
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        out.append(new)
+    return out
+
+
+# ---------------------------------------------------------------------- command line
+def add_generate_args(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="Hugging Face DeepSeek-V3 directory (config.json + safetensors)")
+    src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="a prompt as comma-separated token ids, e.g. 5,17,300 (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--json", action="store_true", help='print {"tokens": [[...]]} on one line')
+
+
+def _parse_ids(s: str) -> list[int]:
+    try:
+        return [int(t) for t in s.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--prompt-ids {s!r}: expected comma-separated integers like 5,17,300") from None
+
+
+def main_generate(ns) -> int:
+    import json
+
+    from dsv3.config import ModelArgs
+    from dsv3.model import Transformer
+
+    dtype = getattr(torch, ns.dtype) if ns.dtype else None
+    overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
+    if ns.ckpt:
+        from dsv3.checkpoint import load_model
+
+        model = load_model(ns.ckpt, dtype=dtype, **overrides)
+    elif ns.preset:
+        torch.manual_seed(0 if ns.seed is None else ns.seed)
+        model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
+    else:
+        raise UsageError("give --ckpt DIR (a Hugging Face DeepSeek-V3 checkpoint) or --preset NAME")
+    prompts = [_parse_ids(s) for s in ns.prompt_ids]
+    if not prompts:
+        raise UsageError("no prompt: give --prompt-ids 5,17,300")
+    out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                   top_k=ns.top_k, seed=ns.seed)
+    if ns.json:
+        print(json.dumps({"tokens": out}))
+    else:
+        for p, o in zip(prompts, out):
+            print(f"{p} -> {o}")
+    return 0
+

@@ -1,0 +1,58 @@
+"""What a config costs: parameter counts (total, activated per token, MTP) and KV-cache bytes.
+
+Counts come from the model itself, built on the meta device (free even at 671B),
+so they are the parameters dsv3 would load -- FP8 block scales excluded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.config import ModelArgs
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("scale"))
+
+
+def param_counts(args: ModelArgs) -> dict[str, int]:
+    from dsv3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args.replace(n_mtp_layers=max(args.n_mtp_layers, 1)))
+    total = _numel(model) - _numel(model.mtp) - _numel(model.rotary)
+    active = _numel(model.embed) + _numel(model.head) + _numel(model.norm)
+    for layer in model.layers:
+        active += _numel(layer) - _moe_inactive(layer.ffn, args)
+    mtp_module = model.mtp[0]
+    return {
+        "total_params": total,
+        "active_params": active,
+        "mtp_params": _numel(mtp_module) * args.n_mtp_layers,
+        "mtp_params_per_module": _numel(mtp_module),
+        "embedding_params": _numel(model.embed),
+    }
+
+
+def _moe_inactive(ffn: torch.nn.Module, args: ModelArgs) -> int:
+    experts = getattr(ffn, "experts", None)
+    if experts is None:
+        return 0
+    per_expert = _numel(experts[0])
+    return per_expert * (args.n_routed_experts - args.n_activated_experts)
+
+
+def kv_cache_bytes_per_token(args: ModelArgs, naive: bool = False, bytes_per_value: int = 2) -> int:
+    """Cache bytes per token over all main-model layers (bf16 by default)."""
+    if naive:
+        per_layer = args.n_heads * (args.qk_head_dim + args.v_head_dim)
+    else:
+        per_layer = args.kv_lora_rank + args.qk_rope_head_dim
+    return per_layer * bytes_per_value * args.n_layers
+
+
+def info(args: ModelArgs) -> dict[str, int]:
+    out = param_counts(args)
+    out["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(args)
+    out["kv_cache_bytes_per_token_naive"] = kv_cache_bytes_per_token(args, naive=True)
+    return out

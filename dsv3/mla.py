@@ -1,0 +1,147 @@
+"""Multi-head Latent Attention (MLA), naive and absorbed, with its per-request cache.
+
+Axes (the legend used across dsv3): b batch, s query positions, t key positions,
+h heads, d nope/value head dim, r rope dim, c kv latent (kv_lora_rank), q q latent,
+m model dim.
+
+MLA compresses keys and values of all heads into one latent per token,
+c_kv = kv_norm(W_DKV x) (c wide), plus one shared rotary key k_pe (r wide).
+Per head, k_nope = W_UK c_kv and v = W_UV c_kv (both inside `wkv_b`).
+
+- naive: expand the latent into per-head K (d + r) and V (d) and cache those,
+  h·(2d + r) values per token per layer -- what an ordinary MHA cache would hold.
+- absorbed: cache only c_kv and k_pe (c + r per token per layer). Because
+  q_nope·k_nope = q_nope·(W_UK c) = (W_UKᵀ q_nope)·c, fold W_UK into the query and
+  W_UV into the output, so attention runs directly against the latent cache.
+
+Both give the same numbers (up to rounding): tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from dsv3.config import ModelArgs
+from dsv3.layers import Linear, RMSNorm
+from dsv3.rope import apply_rope
+
+
+class MLACache:
+    """One layer's cache for one request: tensors sized (batch, max_len, ...), written by position.
+
+    Absorbed: `kv` (b, t, c) normalised latents and `pe` (b, t, r) rotated shared keys.
+    Naive: `k` (b, t, h, d + r) and `v` (b, t, h, d).
+    Writing is by absolute position, so rolling back (speculative decoding) is just
+    writing again at an earlier start_pos.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def write(self, start_pos: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store new[name] at positions [start_pos, start_pos + s); return views over [0, start_pos + s)."""
+        out = {}
+        for name, x in new.items():
+            buf = self.tensors[name]
+            b, s = x.shape[:2]
+            end = start_pos + s
+            if end > buf.shape[1]:
+                raise IndexError(f"cache holds {buf.shape[1]} positions, step needs {end}")
+            buf[:b, start_pos:end] = x
+            out[name] = buf[:b, :end]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, **linear_kw):
+        super().__init__()
+        self.args = args
+        self.q_lora_rank = args.q_lora_rank
+        self.nope, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.attn_impl = args.attn_impl
+        self.softmax_scale = args.softmax_scale
+        h, qk = args.n_heads, args.qk_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = Linear(args.dim, h * qk, **linear_kw)
+        else:
+            self.wq_a = Linear(args.dim, self.q_lora_rank, **linear_kw)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, h * qk, **linear_kw)
+        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope_dim, **linear_kw)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), **linear_kw)
+        self.wo = Linear(h * self.v_dim, args.dim, **linear_kw)
+        self._absorb_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> MLACache:
+        h = self.wkv_b.out_features // (self.nope + self.v_dim)  # local heads (tensor parallel)
+        if self.attn_impl == "absorb":
+            shapes = {"kv": (batch, max_len, self.kv_lora_rank), "pe": (batch, max_len, self.rope_dim)}
+        else:
+            shapes = {"k": (batch, max_len, h, self.nope + self.rope_dim), "v": (batch, max_len, h, self.v_dim)}
+        return MLACache({n: torch.zeros(sh, dtype=dtype, device=device) for n, sh in shapes.items()})
+
+    def absorbed_wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """wkv_b as (h, d + d_v, c) in `dtype`; an FP8 weight is dequantised once and kept."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version, dtype, self.wkv_b.scale is not None and self.wkv_b.scale._version)
+        if self._absorb_cache is None or self._absorb_cache[0] != key:
+            full = self.wkv_b.dequantized_weight(dtype)
+            self._absorb_cache = (key, rearrange(full, "(h e) c -> h e c", e=self.nope + self.v_dim))
+        return self._absorb_cache[1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                cache: MLACache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = rearrange(q, "b s (h e) -> b s h e", e=self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_norm(kv)  # (b s c)
+        k_pe = apply_rope(k_pe, cos, sin)  # (b s r): one rotary key shared by all heads
+        mask = causal_mask(start_pos, s, x.device) if s > 1 else None
+
+        if self.attn_impl == "naive":
+            kv_full = rearrange(self.wkv_b(kv), "b s (h e) -> b s h e", e=self.nope + self.v_dim)
+            k_nope, v = kv_full.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # (b s h d+r)
+            if cache is not None:
+                k, v = cache.write(start_pos, k=k, v=v).values()
+            q = torch.cat([q_nope, q_pe], dim=-1)  # (b s h d+r), rotated
+            scores = torch.einsum("bshe,bthe->bsht", q, k) * self.softmax_scale
+            probs = _softmax(scores, mask, x.dtype)
+            o = torch.einsum("bsht,bthd->bshd", probs, v)
+        else:
+            wkv_b = self.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
+            if cache is not None:
+                kv, k_pe = cache.write(start_pos, kv=kv, pe=k_pe).values()
+            scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
+                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            probs = _softmax(scores, mask, x.dtype)
+            o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
+            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))
+
+
+def causal_mask(start_pos: int, s: int, device: torch.device) -> torch.Tensor:
+    """(s, start_pos + s) additive mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i."""
+    q_pos = torch.arange(start_pos, start_pos + s, device=device)[:, None]
+    k_pos = torch.arange(start_pos + s, device=device)[None, :]
+    return torch.zeros(s, start_pos + s, device=device).masked_fill_(k_pos > q_pos, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if mask is not None:
+        t = scores.shape[-1]
+        scores = scores + mask[:, None, -t:]  # (s, 1, t) over (b, s, h, t); without a cache t = s
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)

@@ -7,6 +7,8 @@ with no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 
@@ -53,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate from a Hugging Face DeepSeek-V3 checkpoint (or a random preset).")
     add_generate_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    # Commands that live in their own module: each module has `add_args(parser)` and
+    # `run(namespace) -> int`, and help text in its docstring's first line.
+    for name, module in COMMAND_MODULES.items():
+        if importlib.util.find_spec(module) is None:
+            continue
+        mod = importlib.import_module(module)
+        c = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        mod.add_args(c)
+        c.set_defaults(func=mod.run)
     return p
+
+
+# command -> module; each module is imported only when the parser is built
+COMMAND_MODULES = {
+    "chat": "dsv3.chat",
+    "convert": "dsv3.convert",
+    "plan": "dsv3.plan",
+    "train": "dsv3.train",
+    "bench": "dsv3.bench",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,9 @@ class Tokenizer:
             self._compiled = compile_template(self.chat_template)
         from jinja2.exceptions import TemplateError
 
+        # As transformers does: keys whose value is None are dropped (APIs send content=None,
+        # templates handle a missing key better), so both render the same string.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special, **kwargs)

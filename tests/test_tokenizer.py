@@ -12,7 +12,7 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tell me a story about a robot."}],
     [{"role": "user", "content": "Weather in Paris?"},
-     {"role": "assistant", "content": None, "tool_calls": [
+     {"role": "assistant", "content": "", "tool_calls": [
          {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
          {"type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}]},
      {"role": "tool", "content": "18C, sunny"}, {"role": "tool", "content": "14:00"},
@@ -44,6 +44,16 @@ def test_chat_template_equals_transformers(tok_dir, hf_tok, i, gen):
     if hasattr(want_ids, "keys"):  # transformers 5 returns a BatchEncoding
         want_ids = want_ids["input_ids"]
     assert ours.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True) == list(want_ids)
+
+
+def test_none_content_fails_like_transformers(tok_dir, hf_tok):
+    """transformers drops None-valued keys, after which DeepSeek-V3's template cannot read `content`: same for us."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    with pytest.raises(Exception, match="has no attribute 'content'"):
+        hf_tok.apply_chat_template(msgs, tokenize=False)
+    with pytest.raises(UsageError, match="has no attribute 'content'"):
+        Tokenizer.from_dir(tok_dir).apply_chat_template(msgs)
 
 
 def test_template_shape(tok_dir):

@@ -213,9 +213,18 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     args = ModelArgs.from_hf_config(path)
     if dtype is not None and args.dtype == "fp8":
         overrides.setdefault("dtype", "bf16")  # dequantise at load
+    wm = weight_map(path)
+    if "n_mtp_layers" not in overrides:
+        # transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+        # tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error).
+        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, wm) if m}
+        present = 0
+        while present < args.n_mtp_layers and args.n_layers + present in layers_present:
+            present += 1
+        if present < args.n_mtp_layers:
+            overrides["n_mtp_layers"] = present
     if overrides:
         args = args.replace(**overrides)
-    wm = weight_map(path)
 
     with torch.device("meta"):
         model = Transformer(args)

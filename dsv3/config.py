@@ -324,6 +324,10 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     for hf, ours in _HF_RENAMES.items():
         if cfg.get(hf) is not None:
             out[ours] = cfg[hf]
+    # transformers' DeepseekV3Config has no scoring_func/topk_method (its router is always sigmoid +
+    # noaux_tc) and save_pretrained omits them; the released V3 config.json states them explicitly.
+    if mt == "deepseek_v3" and cfg.get("scoring_func") is None:
+        out["score_func"] = "sigmoid"
     # transformers' config class writes some fields under its own attribute names
     if cfg.get("num_mtp_layers") is not None and "num_nextn_predict_layers" not in cfg:
         out["n_mtp_layers"] = cfg["num_mtp_layers"]
@@ -341,7 +345,7 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     freq = cfg.get("moe_layer_freq", 1)
     if freq != 1:
         raise ConfigError(f"{source}: moe_layer_freq {freq} unsupported (DeepSeek-V3 uses 1)")
-    method = cfg.get("topk_method", "noaux_tc" if out.get("score_func", "softmax") == "sigmoid" else "greedy")
+    method = cfg.get("topk_method") or ("noaux_tc" if out.get("score_func", "softmax") == "sigmoid" else "greedy")
     if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
         raise ConfigError(f"{source}: topk_method {method!r} unsupported (expected noaux_tc, greedy "
                           "or group_limited_greedy)")

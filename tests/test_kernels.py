@@ -8,6 +8,10 @@ identical to the reference (NaN compared by position), GEMMs within stated ‖ou
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -232,3 +236,29 @@ def test_model_fp8_path_vs_bf16_path_on_gpu(compiled):
     assert torch.isfinite(l8).all()
     assert rel(l8, l16) < 0.05  # fp8 GEMMs vs dequantised weights: the cost of FP8 activations
     assert rel(l8, l8_cpu) < 1e-4  # Triton kernels vs the torch reference of the same arithmetic
+
+
+# ------------------------------------------------------------------------------------ benchmark command
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dsv3.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_bench_kernels_quick_runs_end_to_end():
+    r = _cli("bench", "kernels", "--quick", "--json", "--m", "1,3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [(x["M"], x["N"], x["K"]) for x in out["rows"]] == [(1, 256, 256), (3, 256, 256), (1, 192, 320), (3, 192, 320)]
+    for x in out["rows"]:
+        assert x["err"] < 2**-7  # the kernel (or reference) against a float32 matmul, bf16 output
+        assert x["fp8_gemm_tflops"] > 0 and x["bf16_tflops"] > 0 and x["fp8_vs_bf16"] > 0
+    if not torch.cuda.is_available():
+        assert out["impl"] == "triton interpreter" and out["device"] == "cpu"
+
+
+def test_bench_kernels_needs_quick_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only error")
+    r = _cli("bench", "kernels", "--m", "x")
+    assert r.returncode == 2 and "use --quick" in r.stderr and "Traceback" not in r.stderr

@@ -265,6 +265,10 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
         state[ours] = t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary._table = None
+    if model.head.weight.device.type == "cpu":
+        from dsv3.layers import column_major_
+
+        column_major_(model.head)
     return model.eval()
 
 

@@ -130,9 +130,10 @@ def worker(spec: dict) -> dict:
     tokens = torch.randint(0, spec["vocab"], (b, total))
     rss0 = _rss_bytes()
     if spec["impl"] == "transformers":
-        step, prefill, cache_bytes = _transformers_runner(spec["ckpt"], dtype)
+        step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype)
     else:
-        step, prefill, cache_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b, spec.get("compile", False))
+        step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
+                                                                 spec.get("compile", False))
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
     with torch.inference_mode():
         t = time.perf_counter()
@@ -165,6 +166,8 @@ def worker(spec: dict) -> dict:
                 curve.append((c, statistics.median(ts)))
         out["curve"] = curve
     out["peak_rss"] = _rss_bytes()
+    out["peak_rss_growth"] = out["peak_rss"] - rss0  # what loading and running added to the interpreter
+    out["weights_bytes"] = weights_bytes
     return out
 
 
@@ -186,7 +189,7 @@ def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_
     def step(x, pos):
         return fwd(x, pos, cache)
 
-    return step, prefill, cache.nbytes
+    return step, prefill, cache.nbytes, _param_bytes(model)
 
 
 def _transformers_runner(ckpt: str, dtype):
@@ -214,7 +217,11 @@ def _transformers_runner(ckpt: str, dtype):
                 total += t.numel() * t.element_size()
         return total
 
-    return step, prefill, cache_bytes
+    return step, prefill, cache_bytes, _param_bytes(model)
+
+
+def _param_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _tensors(obj, depth=0):
@@ -273,13 +280,14 @@ def run(ns) -> int:
                     cell[impl].append(_spawn(spec))
             floor_s = floor_bytes(args, batch, bpp) / bw
             for impl, runs in cell.items():
-                med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+                med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
                 rows.append(dict(impl=impl.replace("dsv3-compile", "dsv3+compile"), batch=batch, prompt=prompt,
                                  prefill_tok_s=batch * prompt / med("prefill_s"),
                                  decode_tok_s=batch / med("decode_step_s"),
                                  decode_step_ms=1e3 * med("decode_step_s"),
                                  x_floor=med("decode_step_s") / floor_s,
                                  peak_rss_mb=med("peak_rss") / 2**20,
+                                 rss_growth_mb=med("peak_rss_growth") / 2**20,
                                  kv_bytes_per_token=med("kv_bytes_per_token")))
     curves = {}
     if ns.contexts:
@@ -333,13 +341,13 @@ def _print_table(res: dict) -> None:
           f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['cpu']}")
     print("floor (ms/step): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in res["floor_ms"].items()))
     hdr = f"{'impl':<20}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
-          f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'KV B/tok':>10}"
+          f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}"
     print(hdr)
     for r in res["rows"]:
         vs_d = f"{r['decode_vs_transformers']:.2f}x" if "decode_vs_transformers" in r else "-"
         vs_p = f"{r['prefill_vs_transformers']:.2f}x" if "prefill_vs_transformers" in r else "-"
         print(f"{r['impl']:<20}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
-              f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}{vs_d:>10}{vs_p:>10}{r['peak_rss_mb']:>9.0f}"
+              f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}{vs_d:>10}{vs_p:>10}{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}"
               f"{r['kv_bytes_per_token']:>10.0f}")
     for impl, curve in res["curves"].items():
         print(f"{impl}: step ms by context " + ", ".join(f"{c}: {1e3 * s:.2f}" for c, s in curve))

@@ -31,6 +31,8 @@ def add_args(p) -> None:
     p.add_argument("--new", type=int, default=64, help="decode steps timed per run (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the floor uses --hbm-gb-s)")
+    p.add_argument("--hbm-gb-s", type=float, default=4800.0, help="GPU memory bandwidth for the floor (H200: 4800)")
     p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
     p.add_argument("--compare", default="", help="'transformers' to time it on the same checkpoint")
     p.add_argument("--compile", action="store_true", help="also time dsv3 with a torch.compile'd decode step")
@@ -124,20 +126,25 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     dtype = getattr(torch, spec["dtype"])
+    device = torch.device(spec.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     b, prompt, new = spec["batch"], spec["prompt"], spec["new"]
     contexts = spec.get("contexts") or []
     total = max([prompt + new] + [c + 9 for c in contexts])
-    tokens = torch.randint(0, spec["vocab"], (b, total))
+    tokens = torch.randint(0, spec["vocab"], (b, total)).to(device)
     rss0 = _rss_bytes()
     if spec["impl"] == "transformers":
-        step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype)
+        step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
     else:
         step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
-                                                                 spec.get("compile", False))
+                                                                 spec.get("compile", False), device)
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
     with torch.inference_mode():
+        prefill(tokens[:, :8])  # warm-up (kernel selection, lazy tables)
+        sync()
         t = time.perf_counter()
         logits = prefill(tokens[:, :prompt])
+        sync()
         out["prefill_s"] = time.perf_counter() - t
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         times = []
@@ -145,6 +152,7 @@ def worker(spec: dict) -> dict:
             t = time.perf_counter()
             logits = step(nxt, prompt + i)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
+            sync()
             times.append(time.perf_counter() - t)
         out["decode_step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
         out["kv_bytes_per_token"] = cache_bytes() / (b * (prompt + new))
@@ -160,22 +168,24 @@ def worker(spec: dict) -> dict:
                 for _ in range(8):
                     t = time.perf_counter()
                     logits = step(nxt, pos)
+                    sync()
                     ts.append(time.perf_counter() - t)
                     nxt = logits[:, -1].argmax(-1, keepdim=True)
                     pos += 1
                 curve.append((c, statistics.median(ts)))
         out["curve"] = curve
     out["peak_rss"] = _rss_bytes()
+    out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     out["peak_rss_growth"] = out["peak_rss"] - rss0  # what loading and running added to the interpreter
     out["weights_bytes"] = weights_bytes
     return out
 
 
-def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_step: bool):
+def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_step: bool, device):
     from dsv3.checkpoint import load_model
 
     attn = impl.split(":")[1]
-    model = load_model(ckpt, dtype=dtype, attn_impl=attn, max_seq_len=max(max_len, 16))
+    model = load_model(ckpt, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max(max_len, 16))
     cache = model.new_cache(batch, max_len)
     fwd = model
     if compile_step:
@@ -192,10 +202,10 @@ def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_
     return step, prefill, cache.nbytes, _param_bytes(model)
 
 
-def _transformers_runner(ckpt: str, dtype):
+def _transformers_runner(ckpt: str, dtype, device):
     from transformers import DeepseekV3ForCausalLM
 
-    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     state = {}
 
     def prefill(x):
@@ -266,7 +276,7 @@ def run(ns) -> int:
 
             raise UsageError(f"--compare supports 'transformers', got {ns.compare!r}")
         impls.append("transformers")
-    bw = read_bandwidth(ns.threads)
+    bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
     for batch in _ints(ns.batch):
@@ -274,7 +284,7 @@ def run(ns) -> int:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
-                    spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch,
+                    spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch, device=ns.device,
                                 prompt=prompt, new=ns.new, vocab=args.vocab_size,
                                 compile=impl.startswith("dsv3-compile"))
                     cell[impl].append(_spawn(spec))
@@ -293,12 +303,13 @@ def run(ns) -> int:
     if ns.contexts:
         ctx = _ints(ns.contexts)
         for impl in impls:
-            spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx),
+            spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
                         new=1, vocab=args.vocab_size, contexts=ctx, compile=impl.startswith("dsv3-compile"))
             curves[impl] = _spawn(spec)["curve"]
     floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in _ints(ns.batch)}
     _add_ratios(rows)
-    result = dict(ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, read_gb_s=bw / 1e9, floor_ms=floor_ms,
+    result = dict(ckpt=str(ckpt), dtype=ns.dtype, device=ns.device, threads=ns.threads, read_gb_s=bw / 1e9,
+                  floor_ms=floor_ms,
                   rows=rows, curves=curves, machine=_machine())
     if ns.plot and curves:
         _plot(curves, floor_ms[min(floor_ms)], ns.plot, ns.dtype)
@@ -332,13 +343,14 @@ def _machine() -> dict:
     except OSError:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return dict(cpu=cpu, python=platform.python_version(), torch=torch.__version__, commit=commit,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return dict(cpu=cpu, gpu=gpu, python=platform.python_version(), torch=torch.__version__, commit=commit,
                 date=time.strftime("%Y-%m-%d"))
 
 
 def _print_table(res: dict) -> None:
-    print(f"checkpoint {res['ckpt']}  dtype {res['dtype']}  threads {res['threads']}  "
-          f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['cpu']}")
+    print(f"checkpoint {res['ckpt']}  dtype {res['dtype']}  device {res['device']}  threads {res['threads']}  "
+          f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['gpu'] or res['machine']['cpu']}")
     print("floor (ms/step): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in res["floor_ms"].items()))
     hdr = f"{'impl':<20}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
           f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}"

@@ -389,6 +389,15 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
         if scales:
             raise CheckpointError(f"{path}: {len(scales)} FP8 tensor(s) (e.g. {scales[0]}) but config.json has no "
                                   "quantization_config (expected bf16/fp32 weights, or an FP8 config)")
+    if "n_mtp_layers" not in overrides:
+        # transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+        # tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error).
+        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, tensors) if m}
+        present = 0
+        while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
+            present += 1
+        if present < ckpt_args.n_mtp_layers:
+            overrides = {**overrides, "n_mtp_layers": present}
     mtp_override = "n_mtp_layers" in overrides
     model_over = dict(overrides)
     if dtype is not None and ckpt_args.dtype == "fp8":
@@ -615,6 +624,10 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     if left:
         raise CheckpointError(f"{plan.path}: tensors not loaded: {_group(left)}")
     model.rotary._table = None
+    if model.head.weight.device.type == "cpu":
+        from dsv3.layers import column_major_
+
+        column_major_(model.head)
     return model.eval()
 
 
@@ -653,3 +666,15 @@ def _progress(total: int, enabled: bool | None):
         enabled = sys.stderr.isatty()
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not enabled,
                 leave=False)
+
+
+def save_model(model, path) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    tensors = {_dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))

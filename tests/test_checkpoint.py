@@ -284,7 +284,8 @@ CORRUPTIONS = {
                                         r"index lists tensor\(s\) their shard does not contain: model\.norm\.weight"),
     "malformed config": (_bad_config_json, ConfigError, r"config\.json: not valid JSON"),
     "unsupported config": (_unsupported_config, ConfigError, r"model_type 'llama' is not a DeepSeek-V3"),
-    "config disagrees with tensors": (_config_mismatch, CheckpointError, r"missing tensor\(s\)"),
+    "config disagrees with tensors": (_config_mismatch, CheckpointError,
+                                      r"does not match config\.json; .*unexpected tensor\(s\): model\.layers\.2\.eh_proj"),
     "no config": (_no_config, CheckpointError, r"no config\.json"),
 }
 

@@ -180,6 +180,13 @@ class StreamDecoder:
         self.emitted = text
         return piece
 
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the end decodes as U+FFFD)."""
+        text = self.tok.decode(self.ids)
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece
+
 
 def _content(v) -> str | None:
     if isinstance(v, dict):

@@ -660,7 +660,7 @@ def _check_finite(t: torch.Tensor, info: TensorInfo) -> None:
 
 
 def _progress(total: int, enabled: bool | None):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if enabled is None:
         enabled = sys.stderr.isatty()

@@ -274,3 +274,14 @@ def test_bad_input_in_a_real_process(fp8_ckpt, tmp_path):
         r = run_cli(*argv, input="hi\n")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert "truncated" in r.stderr
+
+
+def test_help_for_chat_and_convert(capsys):
+    for cmd in ("chat", "convert", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: dsv3 {cmd}")
+    main_help = run_cli("--help").stdout
+    assert "chat" in main_help and "convert" in main_help

@@ -70,6 +70,12 @@ def load(ns):
 
     dtype = getattr(torch, _DTYPES[ns.dtype]) if ns.dtype else None
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
     if ns.preset:
         torch.manual_seed(0 if ns.seed is None else ns.seed)

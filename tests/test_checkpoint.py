@@ -13,7 +13,7 @@ from dsv3 import checkpoint as ck
 from dsv3.checkpoint import check_checkpoint, hf_to_dsv3, iter_tensors, load_model
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.fp8 import weight_dequant
-from dsv3.testing import cli_env, tiny_hf_args
+from dsv3.testing import cli_env, tiny_hf_args, write_checkpoint
 
 TOKENS = torch.tensor([[3, 17, 101, 250, 8, 64, 299, 12], [7, 7, 200, 31, 5, 90, 1, 44]])
 
@@ -56,6 +56,18 @@ def test_fp8_kept_as_fp8(fp8_ckpt):
     assert m.mtp[0].block.attn.wkv_a.is_fp8
     fp8_params = [p for p in m.parameters() if p.dtype == torch.float8_e4m3fn]
     assert fp8_params and all(p.element_size() == 1 for p in fp8_params)
+
+
+def test_release_kv_a_shape_576_rows(tmp_path):
+    """The real kv_a_proj_with_mqa: 512 + 64 = 576 rows -> 5 scale rows, the last block 64 rows high."""
+    args = tiny_hf_args(kv_lora_rank=512, qk_rope_head_dim=64, n_mtp_layers=0)
+    p = write_checkpoint(tmp_path / "kv576", args, float_dtype=torch.float32, n_shards=2)
+    kept, deq = load_model(p), load_model(p, dtype=torch.float32)
+    w = kept.layers[0].attn.wkv_a
+    assert tuple(w.weight.shape) == (576, 200) and tuple(w.scale.shape) == (5, 2)
+    assert torch.equal(w.dequantized_weight(torch.float32), deq.layers[0].attn.wkv_a.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(TOKENS), deq(TOKENS), rtol=1e-5, atol=1e-5)
 
 
 def test_dtype_dequantises_at_load(fp8_ckpt):
@@ -325,6 +337,7 @@ def test_check_weights_finds_nan(fp8_ckpt, copy_ckpt):
         load_model(p, check_weights=True)
 
 
+@pytest.mark.slow
 def test_progress_bar_quiet_off_terminal(fp8_ckpt):
     code = f"from dsv3.checkpoint import load_model; load_model({str(fp8_ckpt)!r})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
@@ -359,8 +372,6 @@ print(json.dumps({"base": base, "peak": peak, "model": size, "largest": largest}
 
 @pytest.mark.slow
 def test_peak_memory_while_loading(tmp_path):
-    from dsv3.testing import write_checkpoint
-
     # ~270 MB in float32: big enough that "whole shard" or "state dict then copy" loaders exceed the bound
     args = tiny_hf_args(dtype="bf16", vocab_size=16000, dim=512, inter_dim=2048, moe_inter_dim=256, n_layers=6,
                         n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4,

@@ -93,6 +93,7 @@ def test_bf16_to_fp8_uses_the_release_format(bf16_ckpt, tmp_path):
             assert ((deq - t.float()).abs() <= t.float().abs() * 2**-4 + floor * 1.001).all(), n
 
 
+@pytest.mark.slow
 def test_never_overwrites_without_force(fp8_ckpt, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -602,8 +602,9 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
                     from dsv3.fp8 import weight_dequant
 
                     s = read(plan.scales[ours])
-                    t = read(info.name, lambda v, s=s: weight_dequant(v, s, plan.ckpt_args.block_size,
-                                                                       dtype or torch.bfloat16).to(device))
+                    # dequantised where it will live: on a GPU the float32 temporaries never touch host memory
+                    t = read(info.name, lambda v, s=s: weight_dequant(v.to(device), s.to(device),
+                                                                       plan.ckpt_args.block_size, dtype or torch.bfloat16))
                 else:
                     want = target_dtype(ours, info.dtype)
                     t = read(info.name, lambda v, want=want: v.to(device=device, dtype=want, copy=True))

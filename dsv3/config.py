@@ -312,6 +312,10 @@ _HF_RENAMES = {
 }
 
 
+def _yarn_m(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     mt = cfg.get("model_type")
     if mt not in (None, "deepseek_v3", "deepseek_v2"):
@@ -338,6 +342,9 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: num_key_value_heads must equal num_attention_heads for MLA")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} unsupported (DeepSeek-V3 uses 'silu')")
+    if cfg.get("rope_interleave") is False:
+        raise ConfigError(f"{source}: rope_interleave=false (rotate-half rope layout) is not the DeepSeek-V3 "
+                          "checkpoint layout; expected true or absent")
     if cfg.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias=true is not part of DeepSeek-V3")
     if cfg.get("tie_word_embeddings"):
@@ -360,15 +367,24 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if rs and "rope_theta" in rs and "rope_theta" not in cfg:
         out["rope_theta"] = rs["rope_theta"]
     if rtype == "yarn":
-        out["rope_factor"] = rs["factor"]
+        factor = rs.get("factor")
+        if not factor:
+            raise ConfigError(f"{source}: rope_scaling.factor is missing (YaRN needs its context-extension factor)")
+        out["rope_factor"] = factor
         out["original_seq_len"] = rs.get("original_max_position_embeddings", 4096)
         out["beta_fast"] = rs.get("beta_fast", 32)
         out["beta_slow"] = rs.get("beta_slow", 1)
-        m_all = rs.get("mscale_all_dim", 0) or 0
-        m = rs.get("mscale", 1) or 1
-        if m_all and m != m_all:
-            raise ConfigError(f"{source}: rope_scaling.mscale ({m}) != mscale_all_dim ({m_all}) rescales cos/sin, "
-                              "which DeepSeek checkpoints do not use; unsupported")
+        m_all = rs.get("mscale_all_dim") or 0
+        m = rs.get("mscale") or 0
+        # transformers multiplies cos/sin by an attention factor derived from these; DeepSeek checkpoints
+        # set mscale == mscale_all_dim, which makes it 1 -- the only form dsv3 (and the official code) runs.
+        attn_factor = rs.get("attention_factor")
+        if attn_factor is None:
+            attn_factor = _yarn_m(factor, m) / _yarn_m(factor, m_all) if m and m_all else _yarn_m(factor, 1)
+        if abs(attn_factor - 1) > 1e-9:
+            raise ConfigError(f"{source}: rope_scaling with mscale={m or None}, mscale_all_dim={m_all or None} "
+                              f"scales cos/sin by {attn_factor:.6g} (transformers' YaRN attention_factor); "
+                              "unsupported: DeepSeek checkpoints set mscale == mscale_all_dim")
         out["mscale"] = m_all
     elif rtype == "default":
         out["rope_factor"] = 1.0

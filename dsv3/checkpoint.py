@@ -274,6 +274,10 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
         state[ours] = t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary._table = None
+    if model.head.weight.device.type == "cpu":
+        from dsv3.layers import column_major_
+
+        column_major_(model.head)
     return model.eval()
 
 
@@ -295,3 +299,15 @@ def _group(names: list[str], limit: int = 12) -> str:
     shown = [k if len(v) > 1 else v[0] for k, v in groups.items()]
     more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more
+
+
+def save_model(model, path) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    tensors = {_dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))

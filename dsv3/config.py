@@ -417,8 +417,16 @@ def _presets() -> dict[str, ModelArgs]:
         kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=64,
         rope_factor=4.0, n_mtp_layers=1,
     )
+    bench = ModelArgs(
+        # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times against transformers
+        max_seq_len=4096, vocab_size=32000, dim=512, inter_dim=2048, moe_inter_dim=256, n_layers=8,
+        n_dense_layers=1, n_heads=8, n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=256,
+        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=4096,
+    )
     return {
         "tiny": tiny,
+        "bench": bench,
         "16B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_16B.json").read_text())),
         "236B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_236B.json").read_text())),
         "671B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_671B.json").read_text()))

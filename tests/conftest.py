@@ -1,12 +1,27 @@
-"""Shared fixtures: small dsv3 models with random, non-trivial weights."""
+"""Test-session setup and shared fixtures.
+
+Triton decides between compiling and interpreting when *it* is imported (its own library
+functions, tl.cdiv, tl.max, ..., are decorated then), not when our kernels are called. A
+process that wants the interpreter must therefore set TRITON_INTERPRET=1 before anything
+imports triton. Without CUDA the interpreter is the only way to run the kernels at all, so
+the test session asks for it here, first, unless the caller chose otherwise.
+
+`make_model` builds small dsv3 models with random, non-trivial weights.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from dsv3.config import ModelArgs
-from dsv3.model import Transformer
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from dsv3.config import ModelArgs  # noqa: E402
+from dsv3.model import Transformer  # noqa: E402
 
 
 @torch.no_grad()

@@ -312,6 +312,18 @@ _HF_RENAMES = {
 }
 
 
+# transformers 5.24 DeepseekV3Config defaults (= the released V3 config) for fields a config.json may omit
+_HF_V3_DEFAULTS: dict[str, Any] = {
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "num_nextn_predict_layers": 1,
+}
+# transformers' attribute names for two fields (attribute_map), as its to_dict() may write them
+_HF_ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+
 def _yarn_m(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -324,6 +336,9 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {missing}")
+    if mt == "deepseek_v3":
+        # a field config.json leaves out means what transformers' DeepseekV3Config defaults it to (V3's shape)
+        cfg = {**_HF_V3_DEFAULTS, **{_HF_ALIASES[k]: v for k, v in cfg.items() if k in _HF_ALIASES}, **cfg}
     out: dict[str, Any] = {}
     for hf, ours in _HF_RENAMES.items():
         if cfg.get(hf) is not None:

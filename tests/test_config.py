@@ -233,3 +233,14 @@ HF_CASES = [
 def test_hf_config_errors_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         ModelArgs.from_hf_config(_hf(**changes), source="x/config.json")
+
+
+def test_fields_missing_from_hf_config_take_transformers_defaults():
+    """A sparse deepseek_v3 config.json means what transformers makes of it (its defaults are V3's shape)."""
+    transformers = pytest.importorskip("transformers")
+    sparse = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": 100}  # (transformers' own default for kv heads is 128)
+    args = ModelArgs.from_hf_config(sparse)
+    assert args == ModelArgs.from_hf_config(transformers.DeepseekV3Config(**sparse).to_dict())
+    assert (args.n_dense_layers, args.n_routed_experts, args.q_lora_rank, args.n_expert_groups) == (3, 256, 1536, 8)
+    assert ModelArgs.from_hf_config(dict(sparse, num_local_experts=16)).n_routed_experts == 16

@@ -48,6 +48,7 @@ PEAKS = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json-out", type=str, default=None, help="also write the JSON object to this file")
     p.add_argument("--quick", action="store_true", help="tiny shapes only (runs on CPU, through the Triton interpreter)")
     p.add_argument("--m", type=str, default=None, help="comma-separated M values (default: 1,16,128,1024,4096)")
     p.add_argument("--rep-ms", type=float, default=30.0, help="GPU: milliseconds of repetitions per measurement")
@@ -114,7 +115,16 @@ def run(ns: argparse.Namespace) -> int:
         fn()
         return time.perf_counter() - t0
 
-    rows = []
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": card, "impl": impl,
+              "torch": torch.__version__, "peak_tflops": {"bf16": peak_bf16, "fp8": peak_fp8},
+              "quick": bool(ns.quick), "rows": []}
+    if cuda:
+        import triton
+
+        result["triton"] = triton.__version__
+    rows = result["rows"]
+    if not ns.json:
+        _print_head(result)
     gen = torch.Generator(device=device).manual_seed(0)
     for n, k in nks:
         w = torch.randn(n, k, device=device, generator=gen) * 0.02
@@ -151,18 +161,16 @@ def run(ns: argparse.Namespace) -> int:
             if smm_note:
                 row["scaled_mm_note"] = smm_note
             rows.append(row)
+            if not ns.json:
+                _print_row(row)  # as it comes: the first autotuning of each shape takes a while
 
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": card, "impl": impl,
-              "torch": torch.__version__, "peak_tflops": {"bf16": peak_bf16, "fp8": peak_fp8},
-              "quick": bool(ns.quick), "rows": rows}
-    if cuda:
-        import triton
-
-        result["triton"] = triton.__version__
+    if ns.json_out:
+        with open(ns.json_out, "w") as f:
+            json.dump(result, f, indent=1)
     if ns.json:
         print(json.dumps(result))
-        return 0
-    _print_table(result)
+    else:
+        _print_notes(result)
     return 0
 
 
@@ -172,21 +180,37 @@ def _fmt(v, width: int, prec: int = 1) -> str:
     return f"{v:>{width}.{prec if abs(v) >= 1 else 3}f}"
 
 
-def _print_table(r: dict) -> None:
+HEAD = (f"{'M':>5} {'N':>6} {'K':>6} | {'fp8_gemm':>8} {'%pk':>5} | {'bf16':>8} {'%pk':>5} | "
+        f"{'scaled_mm':>9} {'%pk':>5} | {'fp8/bf16':>8} {'fp8/smm':>8} | {'err':>7}")
+
+
+def _print_head(r: dict) -> None:
     pk = r["peak_tflops"]
     print(f"# {r['date']}  {r['device']}  fp8_gemm={r['impl']}  torch {r['torch']}  "
           f"peak TFLOP/s bf16={_fmt(pk['bf16'], 0, 0).strip()} fp8={_fmt(pk['fp8'], 0, 0).strip()}")
     if r["quick"] and r["device"] == "cpu":
         print("# CPU --quick: checks the command end to end; the timings are not meaningful")
-    head = (f"{'M':>5} {'N':>6} {'K':>6} | {'fp8_gemm':>8} {'%pk':>5} | {'bf16':>8} {'%pk':>5} | "
-            f"{'scaled_mm':>9} {'%pk':>5} | {'fp8/bf16':>8} {'fp8/smm':>8} | {'err':>7}")
-    print(head)
-    print("-" * len(head))
-    for x in r["rows"]:
-        print(f"{x['M']:>5} {x['N']:>6} {x['K']:>6} | {_fmt(x['fp8_gemm_tflops'], 8)} {_fmt(x['fp8_pct_peak'], 5)} | "
-              f"{_fmt(x['bf16_tflops'], 8)} {_fmt(x['bf16_pct_peak'], 5)} | "
-              f"{_fmt(x['scaled_mm_tflops'], 9)} {_fmt(x['scaled_mm_pct_peak'], 5)} | "
-              f"{_fmt(x['fp8_vs_bf16'], 7, 2)}x {_fmt(x['fp8_vs_scaled_mm'], 7, 2)}x | {x['err']:>7.1e}")
+    print("# TFLOP/s (2·M·N·K / time); %pk against the card's dense peak for the input type; err = fp8_gemm vs fp32")
+    print(HEAD)
+    print("-" * len(HEAD), flush=True)
+
+
+def _print_row(x: dict) -> None:
+    print(f"{x['M']:>5} {x['N']:>6} {x['K']:>6} | {_fmt(x['fp8_gemm_tflops'], 8)} {_fmt(x['fp8_pct_peak'], 5)} | "
+          f"{_fmt(x['bf16_tflops'], 8)} {_fmt(x['bf16_pct_peak'], 5)} | "
+          f"{_fmt(x['scaled_mm_tflops'], 9)} {_fmt(x['scaled_mm_pct_peak'], 5)} | "
+          f"{_fmt(x['fp8_vs_bf16'], 7, 2)}x {_fmt(x['fp8_vs_scaled_mm'], 7, 2)}x | {x['err']:>7.1e}", flush=True)
+
+
+def _print_notes(r: dict) -> None:
     notes = {x.get("scaled_mm_note") for x in r["rows"]} - {None}
     for note in sorted(notes):
         print(f"# scaled_mm unavailable: {note}")
+
+
+def print_table(r: dict) -> None:
+    """The whole table of a result (e.g. one read back from --json-out)."""
+    _print_head(r)
+    for x in r["rows"]:
+        _print_row(x)
+    _print_notes(r)

@@ -68,7 +68,7 @@ _MTP_TABLE: list[tuple[str, str, int | None]] = [
     ("eh_proj.weight", "eh_proj.weight", None),
     ("shared_head.norm.weight", "norm.weight", None),
 ]
-# MTP copies of the shared embedding and head: recognised, not loaded twice (and not compared).
+# MTP copies of the shared embedding and head: not loaded twice; load_model checks them equal to the main ones.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 _TOP_TABLE: list[tuple[str, str, int | None]] = [
     ("model.embed_tokens.weight", "embed.weight", 0),
@@ -99,7 +99,7 @@ def hf_to_dsv3(name: str, args: ModelArgs) -> tuple[str, int | None] | None:
     """HF tensor name -> (dsv3 parameter name, shard dim), or None for a name dsv3 does not know.
 
     MTP copies of the embedding/head map to "mtp-copy:<main name>" so the loader can
-    skip them instead of loading them twice.
+    compare them instead of loading them twice.
     """
     if name in _TOP:
         return _TOP[name]

@@ -288,3 +288,17 @@ def test_help_for_chat_and_convert(capsys):
         assert out.startswith(f"usage: dsv3 {cmd}")
     main_help = run_cli("--help").stdout
     assert "chat" in main_help and "convert" in main_help
+
+
+def test_check_weights_flag(fp8_ckpt, tmp_path, capsys):
+    p = tmp_path / "nan"
+    shutil.copytree(fp8_ckpt, p)
+    n = "model.norm.weight"
+    f = p / json.loads((p / "model.safetensors.index.json").read_text())["weight_map"][n]
+    d = load_file(f)
+    d[n][3] = float("inf")
+    save_file(d, f, metadata={"format": "pt"})
+    assert main(["generate", "--ckpt", str(p), "Hello", "--max-new-tokens", "1"]) == 0  # not scanned by default
+    capsys.readouterr()
+    _one_line_error(["generate", "--ckpt", p, "Hello", "--check-weights"], capsys,
+                    "tensor model.norm.weight holds NaN/Inf (1+ value(s), first at flat index 3)")

@@ -127,31 +127,58 @@ def _parse_ids(s: str) -> list[int]:
 
 
 def main_generate(ns) -> int:
+    """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
+    from dsv3 import parallel
+    from dsv3.errors import DistributedError
+
+    group = parallel.maybe_init_distributed()
+    try:
+        return _generate_cli(ns, group)
+    except DistributedError as e:
+        if e.rank != 0:
+            return 2  # rank 0 prints the failing rank's message once
+        raise
+    finally:
+        parallel.shutdown(group)
+
+
+def _generate_cli(ns, group) -> int:
     import json
 
+    from dsv3 import parallel
     from dsv3.config import ModelArgs
     from dsv3.model import Transformer
 
     dtype = getattr(torch, ns.dtype) if ns.dtype else None
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
-    if ns.ckpt:
+    if ns.ckpt and group is not None:
+        model = parallel.load_model_parallel(ns.ckpt, group, dtype=dtype, device=parallel.device_for(group),
+                                             **overrides)
+    elif ns.ckpt:
         from dsv3.checkpoint import load_model
 
         model = load_model(ns.ckpt, dtype=dtype, **overrides)
     elif ns.preset:
         torch.manual_seed(0 if ns.seed is None else ns.seed)
         model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
+        if group is not None:  # every rank built the same random model: keep this rank's share
+            model = parallel.parallelize(model, group)
     else:
         raise UsageError("give --ckpt DIR (a Hugging Face DeepSeek-V3 checkpoint) or --preset NAME")
-    prompts = [_parse_ids(s) for s in ns.prompt_ids]
+    # rank 0 owns the inputs; with sampling, every rank must draw the same tokens
+    prompts = parallel.broadcast_object([_parse_ids(s) for s in ns.prompt_ids], group)
     if not prompts:
         raise UsageError("no prompt: give --prompt-ids 5,17,300")
+    seed = ns.seed
+    if group is not None and seed is None and ns.temperature > 0:
+        seed = parallel.broadcast_object(int(torch.randint(2**31, ()).item()), group)
     out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=ns.seed)
+                   top_k=ns.top_k, seed=seed)
+    if parallel.rank_of(group) != 0:
+        return 0
     if ns.json:
         print(json.dumps({"tokens": out}))
     else:
         for p, o in zip(prompts, out):
             print(f"{p} -> {o}")
     return 0
-

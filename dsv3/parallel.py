@@ -107,6 +107,15 @@ def local_experts(n_experts: int, rank: int, world: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
+def rank_layout(args: ModelArgs, rank: int, world: int) -> dict[str, range]:
+    """What rank `rank` of `world` holds, as index ranges into the full model's axes (for docs and pictures)."""
+    def part(n: int) -> range:
+        return range(rank * n // world, (rank + 1) * n // world)
+    return {"heads": part(args.n_heads), "experts": local_experts(args.n_routed_experts, rank, world),
+            "vocab": part(args.vocab_size), "inter_dim": part(args.inter_dim),
+            "shared_inter": part(args.n_shared_experts * args.moe_inter_dim)}
+
+
 def _narrow(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     n = t.shape[dim] // world
     return t.narrow(dim, rank * n, n).clone()  # clone: drop the full storage (free on meta)

@@ -97,6 +97,30 @@ def workspace_bytes_per_rank(args, world: int, batch: int, prefill: int) -> int:
     return scores + latents + residual + moe + logits + absorbed + RUNTIME_OVERHEAD
 
 
+def comm_bytes_per_token(args, world: int, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes each rank sends per generated token (batch 1) under dsv3's layout, ring collectives.
+
+    A ring all-reduce of S bytes sends 2(N-1)/N·S per rank; a ring all-gather of N pieces of S/N
+    sends (N-1)/N·S. dsv3 does two all-reduces of the (m) activation per block (attention output,
+    FFN/MoE output: routed experts need nothing extra, since every rank sees every token), one for
+    the embedding, and an all-gather of the logits. For comparison, all-to-all expert parallelism
+    (DeepEP-style: tokens are sent to the ranks owning their experts) moves k·m bytes to dispatch
+    (FP8) and k·m·act_bytes to combine per MoE layer, of which (N-1)/N leave the rank.
+    """
+    f = (world - 1) / world
+    blocks = args.n_layers
+    moe_layers = args.n_layers - args.n_dense_layers
+    out = {
+        "attention_all_reduce": 2 * f * blocks * args.dim * act_bytes,
+        "ffn_all_reduce": 2 * f * blocks * args.dim * act_bytes,
+        "embedding_all_reduce": 2 * f * args.dim * act_bytes,
+        "logits_all_gather": f * args.vocab_size * act_bytes,
+    }
+    out["total"] = sum(out.values())
+    out["all_to_all_ep_moe"] = f * moe_layers * args.n_activated_experts * args.dim * (1 + act_bytes)
+    return out
+
+
 def plan(args, gpus: int, gpu_mem_gb: float, *, batch: int = 1, max_seq_len: int | None = None,
          prefill_tokens: int | None = None, mtp: bool = False, search: bool = True) -> dict:
     """The per-rank budget of `gpus` GPUs of `gpu_mem_gb` GB each (see the module docstring)."""

@@ -359,7 +359,8 @@ def agree(err: str | None, group) -> None:
 def maybe_init_distributed(timeout_s: float | None = None):
     """Under torchrun (WORLD_SIZE > 1): init the default group (nccl on CUDA, gloo on CPU), return it.
 
-    Returns None for a plain single process. The timeout (env DSV3_DIST_TIMEOUT, seconds, default
+    Returns None for a plain single process. DSV3_DIST_BACKEND=gloo forces CPU ranks on a GPU machine
+    (the tests do). The timeout (env DSV3_DIST_TIMEOUT, seconds, default
     300) bounds every collective, so a rank that dies or stalls cannot hang the others forever.
     """
     import torch.distributed as dist
@@ -368,11 +369,11 @@ def maybe_init_distributed(timeout_s: float | None = None):
         return None
     if not dist.is_initialized():
         timeout_s = timeout_s or float(os.environ.get("DSV3_DIST_TIMEOUT", "300"))
-        if torch.cuda.is_available():
+        backend = os.environ.get("DSV3_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"DSV3_DIST_BACKEND must be 'nccl' or 'gloo', got {backend!r}")
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
-        else:
-            backend = "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.group.WORLD
 

@@ -31,6 +31,7 @@ rank is exchanged so that every rank raises the failing rank's message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -273,37 +274,39 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         n = local_shape[dim]
         return sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
 
-    by_file: dict[str, list[str]] = {}
-    for ours, (hf_name, _) in todo.items():
-        by_file.setdefault(wm[hf_name], []).append(ours)
+    handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
+
+    def handle(fname: str):
+        if fname not in handles:
+            try:
+                handles[fname] = stack.enter_context(safe_open(path / fname, "pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
+        return handles[fname]
+
     state: dict[str, torch.Tensor] = {}
-    for fname in sorted(by_file):
-        try:
-            f = safe_open(path / fname, "pt")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
-        with f:
-            for ours in by_file[fname]:
-                hf_name, dim = todo[ours]
-                try:
-                    t = read(f, hf_name, dim, tuple(expected[ours].shape))
-                    s_name = ours[: -len(".weight")] + ".scale"
-                    if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
-                        if s_name not in scales:
-                            raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                        s_hf = scales[s_name]
-                        with safe_open(path / wm[s_hf], "pt") as fs:
-                            bs = args.block_size
-                            s = read(fs, s_hf, dim, tuple(-(-x // bs) for x in t.shape))
-                        t = weight_dequant(t, s, args.block_size, dtype or torch.bfloat16)
-                    elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                            and not ours.endswith((".scale", "gate.bias")):
-                        t = t.to(dtype)
-                except Dsv3Error:
-                    raise
-                except Exception as e:
-                    raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
-                state[ours] = t.to(device)
+    with contextlib.ExitStack() as stack:
+        # file by file, so each shard's pages are touched once
+        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
+            hf_name, dim = todo[ours]
+            fname = wm[hf_name]
+            try:
+                t = read(handle(fname), hf_name, dim, tuple(expected[ours].shape))
+                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
+                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
+                    if s_hf is None:
+                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
+                    bs = args.block_size
+                    s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
+                    t = weight_dequant(t, s, bs, dtype or torch.bfloat16)
+                elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                        and not ours.endswith((".scale", "gate.bias")):
+                    t = t.to(dtype)
+            except Dsv3Error:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
+            state[ours] = t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary._table = None
     return model.eval()

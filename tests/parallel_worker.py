@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_parallel.py: load tiny checkpoints sharded, save what each rank computed.
 
 usage: torchrun --nproc-per-node N tests/parallel_worker.py OUT_DIR NAME=CKPT_DIR [NAME=CKPT_DIR ...]
-Writes OUT_DIR/rank{r}.pt: {"NAME/impl": {"logits", "tokens"}, "state/NAME": this rank's state_dict}.
+Writes OUT_DIR/rank{r}.pt: {"NAME/impl": {"logits", "mtp_logits", "tokens"}, "state/NAME": this rank's
+state_dict}; impl is absorb, naive, or (FP8 only) dequant: FP8 blocks dequantised to float32 at load.
 """
 
 import sys
@@ -22,8 +23,8 @@ def main(out: str, *ckpts: str) -> None:
     res = {}
     for spec in ckpts:
         name, path = spec.split("=", 1)
-        for impl in ("absorb", "naive"):
-            model = load_model_parallel(path, group, attn_impl=impl)
+        for impl, dtype in [("absorb", None), ("naive", None)] + ([("dequant", torch.float32)] if name == "fp8" else []):
+            model = load_model_parallel(path, group, dtype=dtype, attn_impl="naive" if impl == "naive" else "absorb")
             with torch.inference_mode():
                 logits, mtp_logits = model.forward_mtp(tokens)
             res[f"{name}/{impl}"] = {"logits": logits, "mtp_logits": mtp_logits,

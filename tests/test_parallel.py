@@ -64,8 +64,8 @@ def single(ckpts):
     out = {}
     tokens = torch.tensor([PROMPTS[0]])
     for name, path in ckpts.items():
-        for impl in ("absorb", "naive"):
-            model = load_model(path, attn_impl=impl)
+        for impl, dtype in [("absorb", None), ("naive", None)] + ([("dequant", torch.float32)] if name == "fp8" else []):
+            model = load_model(path, dtype=dtype, attn_impl="naive" if impl == "naive" else "absorb")
             with torch.inference_mode():
                 logits, mtp_logits = model.forward_mtp(tokens)
             out[f"{name}/{impl}"] = {"logits": logits, "mtp_logits": mtp_logits, "tokens": generate(model, PROMPTS, 8)}

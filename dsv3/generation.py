@@ -128,27 +128,19 @@ def _parse_ids(s: str) -> list[int]:
 
 def main_generate(ns) -> int:
     """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
-    from dsv3 import parallel
-    from dsv3.errors import DistributedError
+    from dsv3.parallel import run_distributed
 
-    group = parallel.maybe_init_distributed()
-    try:
-        return _generate_cli(ns, group)
-    except DistributedError as e:
-        if e.rank != 0:
-            return 2  # rank 0 prints the failing rank's message once
-        raise
-    finally:
-        parallel.shutdown(group)
+    return run_distributed(_generate_cli, ns)
 
 
-def _generate_cli(ns, group) -> int:
+def _generate_cli(ns) -> int:
     import json
 
     from dsv3 import parallel
     from dsv3.config import ModelArgs
     from dsv3.model import Transformer
 
+    group = parallel.current_group()
     dtype = getattr(torch, ns.dtype) if ns.dtype else None
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
     if ns.ckpt and group is not None:
@@ -169,13 +161,8 @@ def _generate_cli(ns, group) -> int:
     prompts = parallel.broadcast_object([_parse_ids(s) for s in ns.prompt_ids], group)
     if not prompts:
         raise UsageError("no prompt: give --prompt-ids 5,17,300")
-    seed = ns.seed
-    if group is not None and seed is None and ns.temperature > 0:
-        seed = parallel.broadcast_object(int(torch.randint(2**31, ()).item()), group)
     out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=seed)
-    if parallel.rank_of(group) != 0:
-        return 0
+                   top_k=ns.top_k, seed=ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group))
     if ns.json:
         print(json.dumps({"tokens": out}))
     else:

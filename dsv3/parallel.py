@@ -381,6 +381,41 @@ def maybe_init_distributed(timeout_s: float | None = None):
     return dist.group.WORLD
 
 
+def current_group():
+    """The default process group when this process runs under torchrun with WORLD_SIZE > 1, else None."""
+    d = torch.distributed
+    return d.group.WORLD if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
+
+
+def run_distributed(fn, *args, **kwargs) -> int:
+    """Run a command `fn(*args, **kwargs) -> int` on every rank of a torchrun launch (or plainly, alone).
+
+    Rank 0 owns the terminal: other ranks' stdout goes to /dev/null, and a `DistributedError` (which
+    every rank raises with the same message) is printed by rank 0 only. The group is torn down after.
+    """
+    import contextlib
+    import io
+
+    group = maybe_init_distributed()
+    quiet = group is not None and rank_of(group) != 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    except DistributedError:
+        if quiet:
+            return 2  # rank 0 prints the failing rank's message once
+        raise
+    finally:
+        shutdown(group)
+
+
+def shared_seed(seed: int | None, group) -> int | None:
+    """The same sampling seed on every rank (rank 0 draws one if none was given): ranks must sample alike."""
+    if group is None or seed is not None:
+        return seed
+    return broadcast_object(int(torch.randint(2**31, ()).item()), group)
+
+
 def device_for(group) -> torch.device:
     """Where this rank's weights go: its local GPU under NCCL, else the CPU."""
     if group is not None and torch.distributed.get_backend(group) == "nccl":

@@ -210,3 +210,13 @@ def test_generate_two_nodes_on_localhost(ckpts):
     assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert json.loads(outs[0][0].strip().splitlines()[-1]) == {"tokens": want}
     assert outs[1][0].strip() == ""  # node 1 (rank 1) prints nothing
+
+
+def test_sampled_generation_under_torchrun_equals_single_process(ckpts):
+    """With sampling, every rank must draw the same token: seeded, 2 ranks reproduce the single process."""
+    ref = load_model(ckpts["fp32"])
+    want = generate(ref, [[5, 17, 200], [250, 1]], 6, temperature=1.0, top_k=50, seed=3)
+    r = torchrun(2, *_generate_cmd(ckpts["fp32"]), "--temperature", "1.0", "--top-k", "50", "--seed", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"tokens": want}
+    assert want != generate(ref, [[5, 17, 200], [250, 1]], 6)  # sampling did change the tokens

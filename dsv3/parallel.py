@@ -350,7 +350,12 @@ def agree(err: str | None, group) -> None:
     import torch.distributed as dist
 
     msgs: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(msgs, err, group=group)
+    try:
+        dist.all_gather_object(msgs, err, group=group)
+    except Exception as e:  # noqa: BLE001 - a rank died or stalled past the group's timeout
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"rank {dist.get_rank(group)}: the other ranks did not report back ({first})"
+                               + (f"; this rank's own error: {err}" if err else ""), rank=0) from None
     failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
     if failed:
         r, m = failed[0]

@@ -220,3 +220,17 @@ def test_sampled_generation_under_torchrun_equals_single_process(ckpts):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"tokens": want}
     assert want != generate(ref, [[5, 17, 200], [250, 1]], 6)  # sampling did change the tokens
+
+
+def test_stalled_rank_does_not_hang_the_others():
+    """A rank that never reaches the exchange: the others give up after DSV3_DIST_TIMEOUT seconds."""
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "tests/stall_worker.py"]
+    r = subprocess.run(cmd, env={**_env(), "DSV3_DIST_TIMEOUT": "5"}, cwd=ROOT, capture_output=True, text=True,
+                       timeout=100)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "rank 0: rank 0: the other ranks did not report back" in r.stderr, r.stderr[-2000:]
+    assert took < 60  # far less than the 120 s rank 1 sleeps
+    print(f"stalled rank: others out in {took:.1f} s (timeout 5 s)")

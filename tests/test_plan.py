@@ -36,6 +36,9 @@ def test_verdicts():
     assert not p80["fits"] and p80["smallest_gpus_that_fit"] == 16
     assert plan(V3, 16, 80)["fits"]  # the official 2 nodes x 8 x 80 GB recipe
     assert not plan(V3.replace(dtype="bf16"), 8, 141)["fits"]  # 1.34 TB of bf16 weights
+    assert plan(V3, 16, 40)["smallest_gpus_that_fit"] is None  # 16 is the most FP8 blocks allow
+    # the MTP module adds its block (sharded like any other) and its eh_proj/norms
+    assert plan(V3, 8, 141, mtp=True)["weights_bytes_per_gpu"] > plan(V3, 8, 141)["weights_bytes_per_gpu"]
 
 
 def test_kv_cache_is_70272_bytes_per_token_replicated():
@@ -48,6 +51,7 @@ def test_invalid_gpu_count_lists_valid_ones():
         plan(V3, 6, 80)
 
 
+@pytest.mark.slow
 def test_cli_json():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "dsv3.cli", "plan", "671B", "--gpus", "8", "--gpu-mem-gb", "141",
@@ -55,6 +59,10 @@ def test_cli_json():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["fits"] is True and out["weights_bytes_per_gpu"] == weights_bytes_per_rank(V3, 8)
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "plan", "671B", "--gpus", "8", "--gpu-mem-gb", "80"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "does NOT fit on 8 x 80 GB; the smallest GPU count that fits is 16" in r.stdout
+    assert "weights (+ FP8 scales)       85.14 GB per GPU" in r.stdout
     r = subprocess.run([sys.executable, "-m", "dsv3.cli", "plan", "671B", "--gpus", "3", "--gpu-mem-gb", "80"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Valid world sizes: 1, 2, 4, 8, 16" in r.stderr and "Traceback" not in r.stderr

@@ -257,9 +257,12 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
             unexpected.append(hf_name)
     missing = sorted(set(expected) - set(todo))
     if missing or unexpected:
-        from dsv3.checkpoint import _missing_message
-
-        raise CheckpointError(_missing_message(path, missing, unexpected))
+        parts = [f"{path}: checkpoint does not match config.json (rank {rank} of {world})"]
+        for what, names in (("missing", missing), ("unexpected", unexpected)):
+            if names:
+                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+                parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
+        raise CheckpointError("; ".join(parts))
 
     def read(f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
         sl = f.get_slice(hf_name)

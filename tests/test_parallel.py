@@ -234,3 +234,25 @@ def test_stalled_rank_does_not_hang_the_others():
     assert "rank 0: rank 0: the other ranks did not report back" in r.stderr, r.stderr[-2000:]
     assert took < 60  # far less than the 120 s rank 1 sleeps
     print(f"stalled rank: others out in {took:.1f} s (timeout 5 s)")
+
+
+def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
+    """A tensor missing from the index: a DistributedError naming it (in-process, one gloo rank)."""
+    import torch.distributed as dist
+
+    from dsv3.errors import DistributedError
+    from dsv3.parallel import load_model_parallel
+
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    for f in ckpts["fp32"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.0.self_attn.q_a_proj.weight"]
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(DistributedError, match=r"rank 0 of 1 failed: .*1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
+            load_model_parallel(bad, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()

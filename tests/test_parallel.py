@@ -45,8 +45,11 @@ def _free_port() -> int:
 
 def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
              timeout: float = 120, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
-           f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or _free_port()}", *args]
+    if nnodes == 1:  # torchrun picks a free port itself: no race with other processes on the machine
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *args]
     if not wait:
         return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -225,8 +228,7 @@ def test_sampled_generation_under_torchrun_equals_single_process(ckpts):
 def test_stalled_rank_does_not_hang_the_others():
     """A rank that never reaches the exchange: the others give up after DSV3_DIST_TIMEOUT seconds."""
     t0 = time.monotonic()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "tests/stall_worker.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "tests/stall_worker.py"]
     r = subprocess.run(cmd, env={**_env(), "DSV3_DIST_TIMEOUT": "5"}, cwd=ROOT, capture_output=True, text=True,
                        timeout=100)
     took = time.monotonic() - t0

@@ -64,6 +64,7 @@ def load(ns):
     """(model, tokenizer or None, eos id or None) for --ckpt / --preset / the bundled model."""
     import torch
 
+    from dsv3 import parallel
     from dsv3.checkpoint import default_checkpoint, load_model
     from dsv3.config import ModelArgs
     from dsv3.model import Transformer
@@ -77,13 +78,21 @@ def load(ns):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
+    group = parallel.current_group()  # under torchrun: this rank loads only its share
+    if group is not None:
+        device = parallel.device_for(group)
     if ns.preset:
         torch.manual_seed(0 if ns.seed is None else ns.seed)
         with torch.device(device):
             model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
+        if group is not None:  # every rank built the same random model: keep this rank's share
+            model = parallel.parallelize(model, group)
         return model, None, None
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
-    model = load_model(path, dtype=dtype, device=device, check_weights=ns.check_weights, **overrides)
+    if group is not None:
+        model = parallel.load_model_parallel(path, group, dtype=dtype, device=device, **overrides)
+    else:
+        model = load_model(path, dtype=dtype, device=device, check_weights=ns.check_weights, **overrides)
     tok = None
     if (path / "tokenizer.json").is_file():
         from dsv3.tokenizer import Tokenizer
@@ -178,6 +187,7 @@ def encode_prompts(prompts, tok) -> list[list[int]]:
 
 # ---------------------------------------------------------------------- generate command
 def main_generate(ns) -> int:
+    from dsv3 import parallel
     from dsv3.generation import generate
 
     check_sampling_args(ns)
@@ -186,13 +196,17 @@ def main_generate(ns) -> int:
         if not (Path(ns.ckpt) / "tokenizer.json").is_file() and Path(ns.ckpt).is_dir():
             raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
     model, tok, eos = load(ns)
+    group = parallel.current_group()
+    # rank 0 owns the inputs: every rank generates from rank 0's prompts and, when sampling, its seed
+    prompts = parallel.broadcast_object(prompts, group)
     ids = encode_prompts(prompts, tok)
+    seed = ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group)
     stream = len(ids) == 1 and not ns.json and not ns.output
     printer = _Printer(tok) if stream else None
     out = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                   eos_id=eos, seed=ns.seed, on_token=printer)
+                   eos_id=eos, seed=seed, on_token=printer)
     texts = [tok.decode(o) if tok is not None else None for o in out]
-    if ns.output:
+    if ns.output and parallel.rank_of(group) == 0:
         with open(ns.output, "w", encoding="utf-8") as f:
             for (text, _), p, o, t in zip(prompts, ids, out, texts):
                 f.write(json.dumps({"prompt": text, "prompt_ids": p, "tokens": o, "text": t}, ensure_ascii=False) + "\n")

@@ -112,6 +112,8 @@ def add_generate_args(p) -> None:
 
 
 def main_generate(ns) -> int:
+    """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
     from dsv3.frontend import main_generate as main
+    from dsv3.parallel import run_distributed
 
-    return main(ns)
+    return run_distributed(main, ns)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 
 
@@ -44,10 +45,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None) -> list[list[int]]:
+             on_token=None, decode: str = "readable") -> list[list[int]]:
     """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
 
     `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
+    `decode`: "readable" runs every step through `model(...)`; "static", "compile", "cuda-graph"
+    or "compile+cuda-graph" run decode steps through `dsv3.decode_step.DecodeRunner` (same tokens).
     """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 0:
@@ -64,6 +67,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if total > model.args.max_seq_len:
         raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    if decode != "readable" and decode not in DecodeRunner.MODES:
+        raise UsageError(f"decode={decode!r}: expected 'readable' or one of {', '.join(DecodeRunner.MODES)}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
@@ -76,12 +81,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     prompt_len = torch.tensor(lens, device=device)
     in_prompt = torch.arange(total, device=device)[None, :] < prompt_len[:, None]  # (b, total)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, total)
+    runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
+    cache = model.new_cache(b, total) if runner is None else runner.cache
 
     prev = 0
     start = min(lens)
     for cur in range(start, total):
-        logits = model(tokens[:, prev:cur], prev, cache)[:, -1]
+        chunk = tokens[:, prev:cur]
+        logits = (model(chunk, prev, cache) if runner is None else runner(chunk, prev))[:, -1]
         nxt = sample(logits, temperature, top_p, top_k, gen)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt
@@ -117,6 +124,9 @@ def add_generate_args(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--json", action="store_true", help='print {"tokens": [[...]]} on one line')
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd static step")
+    p.add_argument("--cuda-graph", action="store_true", help="decode by replaying the static step as a CUDA graph")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
 def _parse_ids(s: str) -> list[int]:
@@ -137,17 +147,18 @@ def main_generate(ns) -> int:
     if ns.ckpt:
         from dsv3.checkpoint import load_model
 
-        model = load_model(ns.ckpt, dtype=dtype, **overrides)
+        model = load_model(ns.ckpt, dtype=dtype, device=ns.device, **overrides)
     elif ns.preset:
         torch.manual_seed(0 if ns.seed is None else ns.seed)
-        model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
+        model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).to(ns.device).eval()
     else:
         raise UsageError("give --ckpt DIR (a Hugging Face DeepSeek-V3 checkpoint) or --preset NAME")
     prompts = [_parse_ids(s) for s in ns.prompt_ids]
     if not prompts:
         raise UsageError("no prompt: give --prompt-ids 5,17,300")
+    decode = "+".join(m for m, on in (("compile", ns.compile), ("cuda-graph", ns.cuda_graph)) if on) or "readable"
     out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=ns.seed)
+                   top_k=ns.top_k, seed=ns.seed, decode=decode)
     if ns.json:
         print(json.dumps({"tokens": out}))
     else:

@@ -182,3 +182,24 @@ def test_cuda_graph_greedy_tokens_identical(make_model, mode, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for r, o in zip(ref_logits[1:], out[1:]):
         assert ((o - r).norm() / r.norm()).item() < tol
+
+
+@pytest.mark.slow
+def test_bench_decode_times_static_and_compiled_steps(tmp_path):
+    """`dsv3 bench decode --static --compile` runs end to end (no timing assertions)."""
+    import json
+
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--batch", "2",
+                        "--prompt", "8", "--new", "3", "--repeats", "1", "--attn", "absorb", "--static", "--compile",
+                        "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = {row["impl"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])["rows"]}
+    assert set(rows) == {"dsv3:absorb", "dsv3-static:absorb", "dsv3-compile:absorb"}
+    for row in rows.values():
+        assert row["decode_tok_s"] > 0 and row["first_step_s"] > 0
+    # one preallocated cache of the same size whichever way the step runs
+    assert len({row["kv_bytes_per_token"] for row in rows.values()}) == 1
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--cuda-graph"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "--cuda-graph" in r.stderr and "Traceback" not in r.stderr

@@ -77,7 +77,7 @@ def test_generate_static_greedy_tokens_equal_readable(make_model, overrides):
     assert generate(model, prompts, 12, decode="static") == ref
 
 
-def test_expert_stacking_reuses_storage_and_keeps_the_model_equal(make_model):
+def test_expert_stacking_reuses_storage_and_keeps_the_model_equal(make_model, tmp_path):
     model = make_model("tiny", seed=4)
     tokens = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -96,6 +96,12 @@ def test_expert_stacking_reuses_storage_and_keeps_the_model_equal(make_model):
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == n_bytes
     with torch.inference_mode():
         assert torch.equal(model(tokens), before)
+    # the re-pointed weights still save and load like any others (safetensors refuses overlapping tensors)
+    from dsv3.checkpoint import load_model, save_model
+
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     # a second step object finds the experts already stacked and allocates nothing new
     again = StaticDecodeStep(model, model.new_cache(2, 16))
     for a, b in zip(step.experts, again.experts):

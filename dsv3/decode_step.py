@@ -61,8 +61,9 @@ def stacked_expert_weights(moe: MoE) -> dict[str, torch.Tensor]:
     for name in _PROJ:
         ws = [getattr(e, name).weight for e in experts]
         if ws[0].dtype == torch.float8_e4m3fn:
-            raise UsageError("the static decode step needs bf16/fp32 expert weights; this model has FP8 experts "
-                             "(load it with dtype=torch.bfloat16 so they are dequantised, or decode without --compile)")
+            raise UsageError("the static decode step needs bf16/fp32 expert weights; this model has FP8 experts: "
+                             "dequantise them at load (--dtype bfloat16, or load_model(..., dtype=torch.bfloat16)) "
+                             "or decode without --compile/--cuda-graph")
         stack = _contiguous_stack(ws)
         out[name] = _restack(ws) if stack is None else stack
     return out

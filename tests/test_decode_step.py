@@ -209,3 +209,28 @@ def test_bench_decode_times_static_and_compiled_steps(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--cuda-graph"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "--cuda-graph" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_compile_on_fp8_experts_asks_for_dtype(fp8_ckpt_f32, capsys):
+    from dsv3.cli import main
+
+    args = ["generate", "--ckpt", str(fp8_ckpt_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "3",
+            "--device", "cpu", "--compile"]
+    assert main(args) == 2
+    assert "--dtype bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_generate_compile_same_tokens(fp8_ckpt_f32, capsys):
+    """`dsv3 generate --compile` (weights dequantised at load) prints the readable path's tokens."""
+    import json
+
+    from dsv3.cli import main
+
+    args = ["generate", "--ckpt", str(fp8_ckpt_f32), "--prompt-ids", "5,17,300", "--prompt-ids", "9,8,7,6",
+            "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32", "--json"]
+    assert main(args) == 0
+    ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+    assert main([*args, "--compile"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ref
+    assert all(len(t) == 5 for t in ref)

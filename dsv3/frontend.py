@@ -47,6 +47,9 @@ def add_generate_args(p) -> None:
     p.add_argument("--output", help="write one JSON object per prompt to this JSONL file")
     add_sampling_args(p, max_new_tokens=32)
     p.add_argument("--json", action="store_true", help='print one line {"tokens": [[...]], "text": [...]}')
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd static step (same tokens)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="decode by replaying the static step as a CUDA graph (CUDA only; with --compile: the compiled step)")
 
 
 def check_sampling_args(ns) -> None:
@@ -186,6 +189,12 @@ def encode_prompts(prompts, tok) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------- generate command
+def decode_mode(ns) -> str:
+    """generate()'s `decode` from --compile / --cuda-graph (see dsv3.decode_step)."""
+    on = [m for m, flag in (("compile", ns.compile), ("cuda-graph", ns.cuda_graph)) if flag]
+    return "+".join(on) or "readable"
+
+
 def main_generate(ns) -> int:
     from dsv3 import parallel
     from dsv3.generation import generate
@@ -204,7 +213,7 @@ def main_generate(ns) -> int:
     stream = len(ids) == 1 and not ns.json and not ns.output
     printer = _Printer(tok) if stream else None
     out = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                   eos_id=eos, seed=seed, on_token=printer)
+                   eos_id=eos, seed=seed, on_token=printer, decode=decode_mode(ns))
     texts = [tok.decode(o) if tok is not None else None for o in out]
     if ns.output and parallel.rank_of(group) == 0:
         with open(ns.output, "w", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 
 
@@ -44,10 +45,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None) -> list[list[int]]:
+             on_token=None, decode: str = "readable") -> list[list[int]]:
     """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
 
     `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
+    `decode`: "readable" runs every step through `model(...)`; "static", "compile", "cuda-graph"
+    or "compile+cuda-graph" run decode steps through `dsv3.decode_step.DecodeRunner` (same tokens).
     """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 0:
@@ -64,6 +67,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if total > model.args.max_seq_len:
         raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    if decode != "readable" and decode not in DecodeRunner.MODES:
+        raise UsageError(f"decode={decode!r}: expected 'readable' or one of {', '.join(DecodeRunner.MODES)}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
@@ -76,12 +81,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     prompt_len = torch.tensor(lens, device=device)
     in_prompt = torch.arange(total, device=device)[None, :] < prompt_len[:, None]  # (b, total)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, total)
+    runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
+    cache = model.new_cache(b, total) if runner is None else runner.cache
 
     prev = 0
     start = min(lens)
     for cur in range(start, total):
-        logits = model(tokens[:, prev:cur], prev, cache)[:, -1]
+        chunk = tokens[:, prev:cur]
+        logits = (model(chunk, prev, cache) if runner is None else runner(chunk, prev))[:, -1]
         nxt = sample(logits, temperature, top_p, top_k, gen)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt

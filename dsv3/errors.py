@@ -19,3 +19,11 @@ class CheckpointError(Dsv3Error):
 
 class UsageError(Dsv3Error, ValueError):
     """A bad argument to a public function or command (prompt, sampling parameter, ...)."""
+
+
+class DistributedError(Dsv3Error):
+    """A rank of a parallel run failed; every rank raises this with the failing rank's message."""
+
+    def __init__(self, message: str, rank: int = 0):
+        super().__init__(message)
+        self.rank = rank  # the rank raising it (only rank 0 needs to print it)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 
 
@@ -44,10 +45,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None) -> list[list[int]]:
+             on_token=None, decode: str = "readable") -> list[list[int]]:
     """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
 
     `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
+    `decode`: "readable" runs every step through `model(...)`; "static", "compile", "cuda-graph"
+    or "compile+cuda-graph" run decode steps through `dsv3.decode_step.DecodeRunner` (same tokens).
     """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 0:
@@ -64,6 +67,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if total > model.args.max_seq_len:
         raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    if decode != "readable" and decode not in DecodeRunner.MODES:
+        raise UsageError(f"decode={decode!r}: expected 'readable' or one of {', '.join(DecodeRunner.MODES)}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
@@ -76,12 +81,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     prompt_len = torch.tensor(lens, device=device)
     in_prompt = torch.arange(total, device=device)[None, :] < prompt_len[:, None]  # (b, total)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, total)
+    runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
+    cache = model.new_cache(b, total) if runner is None else runner.cache
 
     prev = 0
     start = min(lens)
     for cur in range(start, total):
-        logits = model(tokens[:, prev:cur], prev, cache)[:, -1]
+        chunk = tokens[:, prev:cur]
+        logits = (model(chunk, prev, cache) if runner is None else runner(chunk, prev))[:, -1]
         nxt = sample(logits, temperature, top_p, top_k, gen)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt
@@ -103,55 +110,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
 
 # ---------------------------------------------------------------------- command line
+# The `dsv3 generate` command lives in dsv3.frontend (shared with `dsv3 chat`); these two
+# names stay here because dsv3.cli registers the command through them.
 def add_generate_args(p) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="Hugging Face DeepSeek-V3 directory (config.json + safetensors)")
-    src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
-    p.add_argument("--prompt-ids", action="append", default=[],
-                   help="a prompt as comma-separated token ids, e.g. 5,17,300 (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--json", action="store_true", help='print {"tokens": [[...]]} on one line')
+    from dsv3.frontend import add_generate_args as add
 
-
-def _parse_ids(s: str) -> list[int]:
-    try:
-        return [int(t) for t in s.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UsageError(f"--prompt-ids {s!r}: expected comma-separated integers like 5,17,300") from None
+    add(p)
 
 
 def main_generate(ns) -> int:
-    import json
+    """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
+    from dsv3.frontend import main_generate as main
+    from dsv3.parallel import run_distributed
 
-    from dsv3.config import ModelArgs
-    from dsv3.model import Transformer
-
-    dtype = getattr(torch, ns.dtype) if ns.dtype else None
-    overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
-    if ns.ckpt:
-        from dsv3.checkpoint import load_model
-
-        model = load_model(ns.ckpt, dtype=dtype, **overrides)
-    elif ns.preset:
-        torch.manual_seed(0 if ns.seed is None else ns.seed)
-        model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
-    else:
-        raise UsageError("give --ckpt DIR (a Hugging Face DeepSeek-V3 checkpoint) or --preset NAME")
-    prompts = [_parse_ids(s) for s in ns.prompt_ids]
-    if not prompts:
-        raise UsageError("no prompt: give --prompt-ids 5,17,300")
-    out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=ns.seed)
-    if ns.json:
-        print(json.dumps({"tokens": out}))
-    else:
-        for p, o in zip(prompts, out):
-            print(f"{p} -> {o}")
-    return 0
-
+    return run_distributed(main, ns)

@@ -35,7 +35,11 @@ def add_args(p) -> None:
     p.add_argument("--hbm-gb-s", type=float, default=4800.0, help="GPU memory bandwidth for the floor (H200: 4800)")
     p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
     p.add_argument("--compare", default="", help="'transformers' to time it on the same checkpoint")
-    p.add_argument("--compile", action="store_true", help="also time dsv3 with a torch.compile'd decode step")
+    p.add_argument("--static", action="store_true", help="also time dsv3's static decode step, eager")
+    p.add_argument("--compile", action="store_true",
+                   help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time the static step replayed as a CUDA graph (with --compile: the compiled step)")
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per cell (median reported)")
     p.add_argument("--contexts", default="", help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
     p.add_argument("--plot", default=None, help="write the step-time-vs-context plot to this PNG")
@@ -137,7 +141,7 @@ def worker(spec: dict) -> dict:
         step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
     else:
         step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
-                                                                 spec.get("compile", False), device)
+                                                                 spec.get("mode", "readable"), device)
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
     with torch.inference_mode():
         prefill(tokens[:, :8])  # warm-up (kernel selection, lazy tables)
@@ -155,6 +159,7 @@ def worker(spec: dict) -> dict:
             sync()
             times.append(time.perf_counter() - t)
         out["decode_step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
+        out["first_step_s"] = times[0]  # includes compilation / graph capture for those modes
         out["kv_bytes_per_token"] = cache_bytes() / (b * (prompt + new))
         curve = []
         if contexts:  # step time as the context grows: extend the cache in chunks, time 8 steps at each
@@ -181,23 +186,24 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_step: bool, device):
+def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, mode: str, device):
+    """Readable path (`model(x, pos, cache)`) or a `DecodeRunner` mode (static step, compiled, CUDA graph)."""
     from dsv3.checkpoint import load_model
+    from dsv3.decode_step import DecodeRunner
 
     attn = impl.split(":")[1]
     model = load_model(ckpt, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max(max_len, 16))
-    cache = model.new_cache(batch, max_len)
-    fwd = model
-    if compile_step:
-        import torch
+    if mode == "readable":
+        cache = model.new_cache(batch, max_len)
 
-        fwd = torch.compile(model, dynamic=True)
+        def step(x, pos):
+            return model(x, pos, cache)
+    else:
+        runner = DecodeRunner(model, batch, max_len, mode)
+        cache, step = runner.cache, runner
 
     def prefill(x):
-        return model(x, 0, cache)
-
-    def step(x, pos):
-        return fwd(x, pos, cache)
+        return step(x, 0)
 
     return step, prefill, cache.nbytes, _param_bytes(model)
 
@@ -268,8 +274,19 @@ def run(ns) -> int:
     ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
     args = ModelArgs.from_hf_config(ckpt)
     impls = [f"dsv3:{a}" for a in ns.attn.split(",") if a]
-    if ns.compile:
-        impls.append("dsv3-compile:absorb")
+    if ns.cuda_graph and not ns.device.startswith("cuda"):
+        from dsv3.errors import UsageError
+
+        raise UsageError(f"--cuda-graph needs --device cuda (got --device {ns.device})")
+    modes = {}  # impl name -> DecodeRunner mode
+    if ns.static:
+        modes["dsv3-static:absorb"] = "static"
+    if ns.compile and not ns.cuda_graph:
+        modes["dsv3-compile:absorb"] = "compile"
+    if ns.cuda_graph:
+        modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
+            "compile+cuda-graph" if ns.compile else "cuda-graph"
+    impls += list(modes)
     if ns.compare:
         if ns.compare != "transformers":
             from dsv3.errors import UsageError
@@ -286,15 +303,16 @@ def run(ns) -> int:
                 for impl in impls:  # alternate implementations run by run
                     spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch, device=ns.device,
                                 prompt=prompt, new=ns.new, vocab=args.vocab_size,
-                                compile=impl.startswith("dsv3-compile"))
+                                mode=modes.get(impl, "readable"))
                     cell[impl].append(_spawn(spec))
             floor_s = floor_bytes(args, batch, bpp) / bw
             for impl, runs in cell.items():
                 med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
-                rows.append(dict(impl=impl.replace("dsv3-compile", "dsv3+compile"), batch=batch, prompt=prompt,
+                rows.append(dict(impl=impl, batch=batch, prompt=prompt,
                                  prefill_tok_s=batch * prompt / med("prefill_s"),
                                  decode_tok_s=batch / med("decode_step_s"),
                                  decode_step_ms=1e3 * med("decode_step_s"),
+                                 first_step_s=med("first_step_s"),
                                  x_floor=med("decode_step_s") / floor_s,
                                  peak_rss_mb=med("peak_rss") / 2**20,
                                  rss_growth_mb=med("peak_rss_growth") / 2**20,
@@ -304,7 +322,7 @@ def run(ns) -> int:
         ctx = _ints(ns.contexts)
         for impl in impls:
             spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
-                        new=1, vocab=args.vocab_size, contexts=ctx, compile=impl.startswith("dsv3-compile"))
+                        new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
             curves[impl] = _spawn(spec)["curve"]
     floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in _ints(ns.batch)}
     _add_ratios(rows)
@@ -352,13 +370,13 @@ def _print_table(res: dict) -> None:
     print(f"checkpoint {res['ckpt']}  dtype {res['dtype']}  device {res['device']}  threads {res['threads']}  "
           f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['gpu'] or res['machine']['cpu']}")
     print("floor (ms/step): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in res["floor_ms"].items()))
-    hdr = f"{'impl':<20}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
+    hdr = f"{'impl':<30}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
           f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}"
     print(hdr)
     for r in res["rows"]:
         vs_d = f"{r['decode_vs_transformers']:.2f}x" if "decode_vs_transformers" in r else "-"
         vs_p = f"{r['prefill_vs_transformers']:.2f}x" if "prefill_vs_transformers" in r else "-"
-        print(f"{r['impl']:<20}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+        print(f"{r['impl']:<30}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
               f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}{vs_d:>10}{vs_p:>10}{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}"
               f"{r['kv_bytes_per_token']:>10.0f}")
     for impl, curve in res["curves"].items():

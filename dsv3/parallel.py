@@ -1,0 +1,449 @@
+"""Tensor and expert parallelism, applied to the single-device model after construction.
+
+The model code never knows it is sharded: local sizes are read from tensors, so
+cutting the parameters and adding the collectives is enough. For a world of N
+ranks, rank r holds
+
+    attention      wq / wq_b / wkv_b rows of its n_heads/N heads (column-parallel),
+                   wo columns of those heads (row-parallel)    -> all-reduce of the MLA output
+                   wq_a, wkv_a, the norms: replicated; so is the latent cache (b, t, c + r)
+    dense MLP,     w1 / w3 rows, w2 columns (f/N each)         -> all-reduce of the MLP output
+    shared experts
+    routed experts experts r·E/N .. (r+1)·E/N - 1, whole; the others are None
+                   (the gate is replicated, every rank routes every token identically)
+                   -> one all-reduce of the MoE output (routed partial + shared partial)
+    embedding      rows r·v/N .. of the vocabulary: masked lookup -> all-reduce
+    head           the same rows: local logits -> all-gather along v
+
+so one decoder block costs two all-reduces of (b, s, m) activations.
+
+Sharding is the only place that knows about ranks: `shard_model(model, rank, world)`
+narrows parameters (real or on the meta device), `add_collectives(model, group)` adds
+the communication as forward hooks (and the vocabulary-parallel embedding module),
+with the process group passed in -- no module-level world size.
+
+`load_model_parallel` opens the same Hugging Face directory on every rank and reads
+only that rank's slices (`safe_open(...).get_slice`), FP8 block scales sliced in
+blocks with their weights. World sizes that do not divide the heads, experts,
+vocabulary or FP8 blocks are rejected before any tensor is read; a failure on any
+rank is exchanged so that every rank raises the failing rank's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelArgs
+from dsv3.errors import CheckpointError, ConfigError, DistributedError, Dsv3Error
+
+# ---------------------------------------------------------------------- validation
+
+
+def _split_reasons(args: ModelArgs, world: int, fp8_blocks: bool) -> list[str]:
+    """Why `world` ranks cannot split this model (empty when they can)."""
+    out = []
+
+    def need(size: int, what: str) -> None:
+        if size % world:
+            out.append(f"{what} = {size} is not divisible by {world}")
+        elif fp8_blocks and (size // world) % args.block_size:
+            out.append(f"{what} = {size} gives {size // world} per rank, not a multiple of the FP8 block "
+                       f"size {args.block_size}")
+
+    has_moe = args.n_layers > args.n_dense_layers or args.n_mtp_layers > 0
+    if args.n_heads % world:
+        out.append(f"n_heads = {args.n_heads} is not divisible by {world}")
+    else:
+        h = args.n_heads
+        need(h * args.qk_head_dim, "query rows (n_heads * qk_head_dim)")
+        need(h * (args.qk_nope_head_dim + args.v_head_dim), "wkv_b rows (n_heads * (qk_nope + v_head_dim))")
+        need(h * args.v_head_dim, "wo columns (n_heads * v_head_dim)")
+    if args.vocab_size % world:
+        out.append(f"vocab_size = {args.vocab_size} is not divisible by {world}")
+    if args.n_dense_layers > 0:
+        need(args.inter_dim, "inter_dim")
+    if has_moe:
+        if args.n_routed_experts % world:
+            out.append(f"n_routed_experts = {args.n_routed_experts} is not divisible by {world}")
+        if args.n_shared_experts:
+            need(args.n_shared_experts * args.moe_inter_dim, "shared-expert width (n_shared_experts * moe_inter_dim)")
+    return out
+
+
+def valid_world_sizes(args: ModelArgs, fp8_blocks: bool | None = None) -> list[int]:
+    """Every world size that splits the model (at most n_heads, since each rank needs a head)."""
+    fp8_blocks = args.dtype == "fp8" if fp8_blocks is None else fp8_blocks
+    return [n for n in range(1, args.n_heads + 1) if not _split_reasons(args, n, fp8_blocks)]
+
+
+def check_world_size(args: ModelArgs, world: int, fp8_blocks: bool | None = None, source: str = "config") -> None:
+    """Raise ConfigError naming what does not divide and the world sizes that would work."""
+    fp8_blocks = args.dtype == "fp8" if fp8_blocks is None else fp8_blocks
+    if not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world size must be a positive integer, got {world!r}")
+    reasons = _split_reasons(args, world, fp8_blocks)
+    if reasons:
+        valid = ", ".join(map(str, valid_world_sizes(args, fp8_blocks)))
+        raise ConfigError(f"{source}: cannot split the model over {world} ranks: {'; '.join(reasons)}. "
+                          f"Valid world sizes: {valid}")
+
+
+# ---------------------------------------------------------------------- sharding
+# (module attribute, shard dim) for the tensor-parallel Linears of each kind of module
+_MLA_SHARDS = {"wq": 0, "wq_b": 0, "wkv_b": 0, "wo": 1}
+_MLP_SHARDS = {"w1": 0, "w3": 0, "w2": 1}
+
+
+def local_experts(n_experts: int, rank: int, world: int) -> range:
+    per = n_experts // world
+    return range(rank * per, (rank + 1) * per)
+
+
+def rank_layout(args: ModelArgs, rank: int, world: int) -> dict[str, range]:
+    """What rank `rank` of `world` holds, as index ranges into the full model's axes (for docs and pictures)."""
+    def part(n: int) -> range:
+        return range(rank * n // world, (rank + 1) * n // world)
+    return {"heads": part(args.n_heads), "experts": local_experts(args.n_routed_experts, rank, world),
+            "vocab": part(args.vocab_size), "inter_dim": part(args.inter_dim),
+            "shared_inter": part(args.n_shared_experts * args.moe_inter_dim)}
+
+
+def _narrow(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[dim] // world
+    return t.narrow(dim, rank * n, n).clone()  # clone: drop the full storage (free on meta)
+
+
+def _shard_linear(lin: nn.Module, dim: int, rank: int, world: int) -> None:
+    lin.weight = nn.Parameter(_narrow(lin.weight, dim, rank, world), requires_grad=lin.weight.requires_grad)
+    if lin.scale is not None:  # FP8 block scales: the same rows/columns, counted in blocks
+        lin.scale = nn.Parameter(_narrow(lin.scale, dim, rank, world), requires_grad=False)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def _shard_block(block: nn.Module, rank: int, world: int) -> None:
+    from dsv3.moe import MoE
+
+    for name, dim in _MLA_SHARDS.items():
+        if hasattr(block.attn, name):
+            _shard_linear(getattr(block.attn, name), dim, rank, world)
+    block.attn._absorb_cache = None
+    ffn = block.ffn
+    mlps = [ffn] if not isinstance(ffn, MoE) else [m for m in [ffn.shared_experts] if m is not None]
+    for mlp in mlps:
+        for name, dim in _MLP_SHARDS.items():
+            _shard_linear(getattr(mlp, name), dim, rank, world)
+    if isinstance(ffn, MoE):
+        mine = local_experts(len(ffn.experts), rank, world)
+        for i in range(len(ffn.experts)):
+            if i not in mine:
+                ffn.experts[i] = None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + v/N) of the embedding: tokens outside give zeros, an all-reduce fills them in."""
+
+    def __init__(self, weight: torch.Tensor, start: int, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        self.start, self.group = start, group
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        y = y.masked_fill(~inside[..., None], 0)
+        if self.group is not None:
+            torch.distributed.all_reduce(y, group=self.group)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}..{self.start + self.weight.shape[0] - 1}, dim={self.weight.shape[1]}"
+
+
+def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
+    """Cut `model` (a Transformer, real or on meta) in place down to rank `rank`'s share of `world` ranks.
+
+    No communication is added: the result computes rank-local partial results (see add_collectives).
+    """
+    if world == 1:
+        return model
+    check_world_size(model.args, world, fp8_blocks=model.args.dtype == "fp8")
+    for block in list(model.layers) + [m.block for m in model.mtp]:
+        _shard_block(block, rank, world)
+    v_local = model.embed.weight.shape[0] // world
+    model.embed = VocabParallelEmbedding(_narrow(model.embed.weight, 0, rank, world), rank * v_local)
+    _shard_linear(model.head, 0, rank, world)
+    return model
+
+
+def _all_reduce_output(module, inputs, output, *, group):
+    torch.distributed.all_reduce(output, group=group)
+    return output
+
+
+def _all_gather_last(module, inputs, output, *, group):
+    parts = [torch.empty_like(output) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, output.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def add_collectives(model: nn.Module, group) -> nn.Module:
+    """Add the communication a sharded model needs, as forward hooks on the existing modules."""
+    if torch.distributed.get_world_size(group) == 1:
+        return model
+    reduce = functools.partial(_all_reduce_output, group=group)
+    for block in list(model.layers) + [m.block for m in model.mtp]:
+        block.attn.register_forward_hook(reduce)  # row-parallel wo: partial sums over local heads
+        block.ffn.register_forward_hook(reduce)  # row-parallel w2 and/or this rank's experts
+    model.embed.group = group
+    model.head.register_forward_hook(functools.partial(_all_gather_last, group=group))
+    return model
+
+
+def parallelize(model: nn.Module, group) -> nn.Module:
+    """shard_model + add_collectives for this process's rank in `group`."""
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return add_collectives(shard_model(model, rank, world), group)
+
+
+# ---------------------------------------------------------------------- per-rank loading
+_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
+
+
+def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
+               dtype: torch.dtype | None, device) -> nn.Module:
+    from safetensors import safe_open
+
+    from dsv3.checkpoint import _LAYER_PREFIX, hf_to_dsv3, weight_map
+    from dsv3.fp8 import weight_dequant
+    from dsv3.model import Transformer
+
+    wm = weight_map(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    shard_model(model, rank, world)
+    expected = model.state_dict()
+    mine = local_experts(args.n_routed_experts, rank, world)
+    todo: dict[str, tuple[str, int | None]] = {}  # dsv3 name -> (HF name, shard dim)
+    scales: dict[str, str] = {}  # scale of an FP8 weight dequantised at load
+    unexpected = []
+    for hf_name in wm:
+        r = hf_to_dsv3(hf_name, args)
+        if r is None:
+            m = _LAYER_PREFIX.match(hf_name)
+            if not (m and int(m.group(1)) >= args.n_layers + args.n_mtp_layers):
+                unexpected.append(hf_name)
+            continue
+        ours, dim = r
+        if ours.startswith("mtp-copy:"):
+            continue  # the MTP layer's copies of embedding/head: the main ones are used
+        e = _EXPERT.search(ours)
+        if e and int(e.group(1)) not in mine:
+            continue  # another rank's expert
+        if ours in expected:
+            todo[ours] = (hf_name, dim)
+        elif ours.endswith(".scale") and ours[: -len(".scale")] + ".weight" in expected:
+            scales[ours] = hf_name
+        else:
+            unexpected.append(hf_name)
+    missing = sorted(set(expected) - set(todo))
+    if missing or unexpected:
+        parts = [f"{path}: checkpoint does not match config.json (rank {rank} of {world})"]
+        for what, names in (("missing", missing), ("unexpected", unexpected)):
+            if names:
+                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+                parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
+        raise CheckpointError("; ".join(parts))
+
+    def read(f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+        sl = f.get_slice(hf_name)
+        full = tuple(sl.get_shape())
+        want = list(local_shape)
+        if dim is not None:
+            want[dim] *= world
+        if full != tuple(want):
+            raise CheckpointError(f"{path}: tensor {hf_name} has shape {full}, expected {tuple(want)} from config.json")
+        if dim is None:
+            return sl[:]
+        n = local_shape[dim]
+        return sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
+
+    handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
+
+    def handle(fname: str):
+        if fname not in handles:
+            try:
+                handles[fname] = stack.enter_context(safe_open(path / fname, "pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
+        return handles[fname]
+
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        # file by file, so each shard's pages are touched once
+        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
+            hf_name, dim = todo[ours]
+            fname = wm[hf_name]
+            try:
+                t = read(handle(fname), hf_name, dim, tuple(expected[ours].shape))
+                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
+                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
+                    if s_hf is None:
+                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
+                    bs = args.block_size
+                    s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
+                    t = weight_dequant(t, s, bs, dtype or torch.bfloat16)
+                elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                        and not ours.endswith((".scale", "gate.bias")):
+                    t = t.to(dtype)
+            except Dsv3Error:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
+            state[ours] = t.to(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary._table = None
+    return model.eval()
+
+
+def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                        **overrides) -> nn.Module:
+    """This rank's share of a Hugging Face DeepSeek-V3 directory, with the collectives in place.
+
+    Every rank calls it with the same arguments. Only this rank's slices are read.
+    If any rank fails (bad config, world size that does not divide, missing or
+    unreadable shard, out of memory), every rank raises `DistributedError` carrying
+    the first failing rank's message; the exchange is bounded by the group's timeout.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    err: str | None = None
+    model = None
+    try:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint with config.json)")
+        args = ModelArgs.from_hf_config(path)
+        ckpt_fp8 = args.dtype == "fp8"
+        # before any tensor is read: the sizes must split (FP8 scales in whole blocks)
+        check_world_size(args, world, fp8_blocks=ckpt_fp8, source=str(path))
+        if dtype is not None and ckpt_fp8:
+            overrides.setdefault("dtype", "bf16")  # dequantise at load, as load_model does
+        if overrides:
+            args = args.replace(**overrides)
+        model = _read_rank(path, args, rank, world, dtype, device)
+    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        err = str(e) if isinstance(e, Dsv3Error) else f"{type(e).__name__}: {e}"
+    agree(err, group)
+    return add_collectives(model, group)
+
+
+def agree(err: str | None, group) -> None:
+    """Collective: raise DistributedError on every rank if any rank passed an error message."""
+    import torch.distributed as dist
+
+    msgs: list[str | None] = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(msgs, err, group=group)
+    except Exception as e:  # noqa: BLE001 - a rank died or stalled past the group's timeout
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"rank {dist.get_rank(group)}: the other ranks did not report back ({first})"
+                               + (f"; this rank's own error: {err}" if err else ""), rank=0) from None
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if failed:
+        r, m = failed[0]
+        more = f" ({len(failed) - 1} more rank(s) failed too)" if len(failed) > 1 else ""
+        raise DistributedError(f"rank {r} of {len(msgs)} failed: {m}{more}", rank=dist.get_rank(group))
+
+
+# ---------------------------------------------------------------------- launching
+def maybe_init_distributed(timeout_s: float | None = None):
+    """Under torchrun (WORLD_SIZE > 1): init the default group (nccl on CUDA, gloo on CPU), return it.
+
+    Returns None for a plain single process. DSV3_DIST_BACKEND=gloo forces CPU ranks on a GPU machine
+    (the tests do). The timeout (env DSV3_DIST_TIMEOUT, seconds, default
+    300) bounds every collective, so a rank that dies or stalls cannot hang the others forever.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        timeout_s = timeout_s or float(os.environ.get("DSV3_DIST_TIMEOUT", "300"))
+        backend = os.environ.get("DSV3_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"DSV3_DIST_BACKEND must be 'nccl' or 'gloo', got {backend!r}")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def current_group():
+    """The default process group when this process runs under torchrun with WORLD_SIZE > 1, else None."""
+    d = torch.distributed
+    return d.group.WORLD if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
+
+
+def run_distributed(fn, *args, **kwargs) -> int:
+    """Run a command `fn(*args, **kwargs) -> int` on every rank of a torchrun launch (or plainly, alone).
+
+    Rank 0 owns the terminal: other ranks' stdout goes to /dev/null, and a `DistributedError` (which
+    every rank raises with the same message) is printed by rank 0 only. The group is torn down after.
+    """
+    import contextlib
+    import io
+
+    group = maybe_init_distributed()
+    quiet = group is not None and rank_of(group) != 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    except DistributedError:
+        if quiet:
+            return 2  # rank 0 prints the failing rank's message once
+        raise
+    finally:
+        shutdown(group)
+
+
+def shared_seed(seed: int | None, group) -> int | None:
+    """The same sampling seed on every rank (rank 0 draws one if none was given): ranks must sample alike."""
+    if group is None or seed is not None:
+        return seed
+    return broadcast_object(int(torch.randint(2**31, ()).item()), group)
+
+
+def device_for(group) -> torch.device:
+    """Where this rank's weights go: its local GPU under NCCL, else the CPU."""
+    if group is not None and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_of(group) -> int:
+    return 0 if group is None else torch.distributed.get_rank(group)
+
+
+def broadcast_object(obj, group, src: int = 0):
+    """Rank src's `obj` on every rank (prompts, seeds: rank 0 owns the terminal and files)."""
+    if group is None:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def shutdown(group) -> None:
+    if group is not None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

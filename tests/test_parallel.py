@@ -1,0 +1,260 @@
+"""Tensor/expert-parallel runs (gloo, several CPU processes under torchrun) against the single process.
+
+Each launch is a real `torchrun` (or `-m torch.distributed.run`) of tiny checkpoints written
+by tests/tiny_ckpt.py: float32, and FP8 with 8×8 blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dsv3 import load_model
+from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3, weight_map
+from dsv3.errors import ConfigError
+from dsv3.generation import generate
+from dsv3.parallel import check_world_size, local_experts, shard_model, valid_world_sizes
+
+sys.path.insert(0, str(Path(__file__).parent))  # noqa: E402 - the tests' own helpers
+from parallel_worker import PROMPTS  # noqa: E402
+from tiny_ckpt import tiny_args, write_tiny_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "60",
+            "DSV3_DIST_BACKEND": "gloo"}  # CPU ranks even where a GPU is present
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+             timeout: float = 120, wait: bool = True):
+    if nnodes == 1:  # torchrun picks a free port itself: no race with other processes on the machine
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ckpt")
+    return {"fp32": write_tiny_checkpoint(base / "fp32"), "fp8": write_tiny_checkpoint(base / "fp8", fp8=True)}
+
+
+@pytest.fixture(scope="module")
+def single(ckpts):
+    """The single-process reference for each checkpoint and attention implementation."""
+    out = {}
+    tokens = torch.tensor([PROMPTS[0]])
+    for name, path in ckpts.items():
+        for impl, dtype in [("absorb", None), ("naive", None)] + ([("dequant", torch.float32)] if name == "fp8" else []):
+            model = load_model(path, dtype=dtype, attn_impl="naive" if impl == "naive" else "absorb")
+            with torch.inference_mode():
+                logits, mtp_logits = model.forward_mtp(tokens)
+            out[f"{name}/{impl}"] = {"logits": logits, "mtp_logits": mtp_logits, "tokens": generate(model, PROMPTS, 8)}
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def parallel_run(request, ckpts, tmp_path_factory):
+    """One torchrun launch per world size: what each rank computed and held, for both checkpoints."""
+    world, out = request.param, tmp_path_factory.mktemp(f"world{request.param}")
+    r = torchrun(world, "tests/parallel_worker.py", str(out), *(f"{k}={v}" for k, v in ckpts.items()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return world, [torch.load(out / f"rank{i}.pt") for i in range(world)]
+
+
+def test_sharded_equals_single_process(parallel_run, single):
+    world, ranks = parallel_run
+    errors = {}
+    for key, ref in single.items():
+        for res in ranks:  # every rank ends with the same full logits (gathered over the vocabulary)
+            got = res[key]
+            assert got["logits"].shape == ref["logits"].shape
+            errors[key] = max(_rel(got["logits"], ref["logits"]), _rel(got["mtp_logits"], ref["mtp_logits"]))
+            assert errors[key] < 1e-5, (key, errors[key])
+            assert got["tokens"] == ref["tokens"], key
+    print(f"world {world}: relative logit errors {errors}")
+
+
+def test_rank_slices_equal_slices_of_full_tensors(parallel_run, ckpts):
+    """Each rank's tensors, as loaded in parallel, are exactly the right slices of the files' tensors."""
+    world, ranks = parallel_run
+    path = ckpts["fp8"]
+    args = tiny_args(fp8=True)
+    to_hf = dsv3_to_hf(args)
+    wm = weight_map(path)
+    for rank in range(world):
+        state = ranks[rank]["state/fp8"]
+        experts = {int(k.split(".")[4]) for k in state if ".ffn.experts." in k and k.startswith("layers.1.")}
+        assert experts == set(local_experts(8, rank, world))
+        sharded = 0
+        for name, local in state.items():
+            hf = to_hf[name]
+            with safe_open(path / wm[hf], "pt") as f:
+                full = f.get_tensor(hf)
+            dim = hf_to_dsv3(hf, args)[1]
+            if dim is not None:
+                n = full.shape[dim] // world
+                full = full.narrow(dim, rank * n, n)
+                sharded += 1
+            assert local.dtype == full.dtype and torch.equal(local.view(torch.uint8) if local.dtype == torch.float8_e4m3fn
+                                                             else local, full.view(torch.uint8)
+                                                             if full.dtype == torch.float8_e4m3fn else full), name
+        assert sharded > 20  # weights and their FP8 scales, all layers
+
+
+def test_in_memory_sharding_matches_loaded_slices(ckpts):
+    """shard_model on a loaded model and per-rank loading give the same tensors (no process group needed)."""
+    full = load_model(ckpts["fp32"])
+    ref = load_model(ckpts["fp32"])
+    shard_model(full, rank=1, world=2)
+    assert full.layers[0].attn.wq_b.weight.shape == (48, 32)
+    assert torch.equal(full.layers[0].attn.wo.weight, ref.layers[0].attn.wo.weight[:, 32:])
+    assert torch.equal(full.embed.weight, ref.embed.weight[128:])
+    assert full.layers[1].ffn.experts[0] is None and full.layers[1].ffn.experts[4] is not None
+
+
+def test_valid_world_sizes():
+    assert valid_world_sizes(tiny_args()) == [1, 2, 4]
+    assert valid_world_sizes(tiny_args(fp8=True)) == [1, 2, 4]
+    from dsv3.config import ModelArgs
+
+    assert valid_world_sizes(ModelArgs.preset("671B")) == [1, 2, 4, 8, 16]
+    # bf16 weights are not held to 128-blocks: 32 ranks would split heads, experts and vocabulary
+    assert 32 in valid_world_sizes(ModelArgs.preset("671B").replace(dtype="bf16"))
+    with pytest.raises(ConfigError, match=r"n_heads = 128 is not divisible by 3.*Valid world sizes: 1, 2, 4, 8, 16"):
+        check_world_size(ModelArgs.preset("671B"), 3)
+    with pytest.raises(ConfigError, match="not a multiple of the FP8 block size 128.*Valid world sizes: 1, 2, 4, 8, 16$"):
+        check_world_size(ModelArgs.preset("671B"), 32)
+
+
+def _generate_cmd(ckpt) -> list[str]:
+    return ["-m", "dsv3.generate", "--ckpt", str(ckpt), "--prompt-ids", "5,17,200", "--prompt-ids", "250,1",
+            "--max-new-tokens", "6", "--json"]
+
+
+def test_invalid_world_size_rejected_before_reading(ckpts, tmp_path):
+    """3 ranks cannot split 4 heads: every rank exits 2 with the valid list, before a tensor is read
+    (the shards are garbage here, so reading one would fail differently)."""
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    for f in ckpts["fp32"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes() if f.suffix == ".json" else b"garbage")
+    t0 = time.monotonic()
+    r = torchrun(3, *_generate_cmd(bad))
+    assert r.returncode != 0
+    assert r.stderr.count("cannot split the model over 3 ranks") >= 1 and "Valid world sizes: 1, 2, 4" in r.stderr
+    assert f'File "{ROOT / "dsv3"}' not in r.stderr
+    assert "garbage" not in r.stderr and "cannot read" not in r.stderr
+    print(f"invalid world size: all ranks out in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("how", ["corrupt", "missing"])
+def test_failing_rank_stops_every_rank(how, ckpts, tmp_path):
+    """Experts 4-7 live in shard 3, which only rank 1 reads: break it; both ranks exit non-zero, promptly,
+    with rank 1's message (corrupt) -- or every rank reports the missing file (missing)."""
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    for f in ckpts["fp32"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    shard = bad / "model-00003-of-00003.safetensors"
+    if how == "corrupt":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    else:
+        shard.unlink()
+    t0 = time.monotonic()
+    r = torchrun(2, *_generate_cmd(bad), timeout=90)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    if how == "corrupt":
+        assert "rank 1 of 2 failed" in r.stderr and "model-00003-of-00003.safetensors" in r.stderr, r.stderr[-2000:]
+    else:
+        assert "missing" in r.stderr and "model-00003-of-00003.safetensors" in r.stderr, r.stderr[-2000:]
+    # torchrun itself reports the failed child with its own traceback; none comes from dsv3
+    assert f'File "{ROOT / "dsv3"}' not in r.stderr
+    if how == "corrupt":
+        assert r.stderr.count("rank 1 of 2 failed") == 1  # printed once, by rank 0
+    assert took < 60
+    print(f"{how} shard: all ranks out in {took:.1f} s")
+
+
+def test_generate_two_nodes_on_localhost(ckpts):
+    """Two torchrun invocations (--nnodes 2, one process each) = one 2-rank run; rank 0 alone prints."""
+    ref = load_model(ckpts["fp8"])
+    want = generate(ref, [[5, 17, 200], [250, 1]], 6)
+    port = _free_port()
+    nodes = [torchrun(1, *_generate_cmd(ckpts["fp8"]), nnodes=2, node_rank=i, port=port, wait=False) for i in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert json.loads(outs[0][0].strip().splitlines()[-1])["tokens"] == want
+    assert outs[1][0].strip() == ""  # node 1 (rank 1) prints nothing
+
+
+def test_sampled_generation_under_torchrun_equals_single_process(ckpts):
+    """With sampling, every rank must draw the same token: seeded, 2 ranks reproduce the single process."""
+    ref = load_model(ckpts["fp32"])
+    want = generate(ref, [[5, 17, 200], [250, 1]], 6, temperature=1.0, top_k=50, seed=3)
+    r = torchrun(2, *_generate_cmd(ckpts["fp32"]), "--temperature", "1.0", "--top-k", "50", "--seed", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == want
+    assert want != generate(ref, [[5, 17, 200], [250, 1]], 6)  # sampling did change the tokens
+
+
+def test_stalled_rank_does_not_hang_the_others():
+    """A rank that never reaches the exchange: the others give up after DSV3_DIST_TIMEOUT seconds."""
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "tests/stall_worker.py"]
+    r = subprocess.run(cmd, env={**_env(), "DSV3_DIST_TIMEOUT": "5"}, cwd=ROOT, capture_output=True, text=True,
+                       timeout=100)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "rank 0: rank 0: the other ranks did not report back" in r.stderr, r.stderr[-2000:]
+    assert took < 60  # far less than the 120 s rank 1 sleeps
+    print(f"stalled rank: others out in {took:.1f} s (timeout 5 s)")
+
+
+def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
+    """A tensor missing from the index: a DistributedError naming it (in-process, one gloo rank)."""
+    import torch.distributed as dist
+
+    from dsv3.errors import DistributedError
+    from dsv3.parallel import load_model_parallel
+
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    for f in ckpts["fp32"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.0.self_attn.q_a_proj.weight"]
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(DistributedError, match=r"rank 0 of 1 failed: .*1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
+            load_model_parallel(bad, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()

@@ -20,6 +20,7 @@ Both give the same numbers (up to rounding): tests hold them equal.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -122,15 +123,44 @@ class MLA(nn.Module):
             o = torch.einsum("bsht,bthd->bshd", probs, v)
         else:
             wkv_b = self.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
             if cache is not None:
                 kv, k_pe = cache.write(start_pos, kv=kv, pe=k_pe).values()
+            if self.expanding_pays(s):
+                return self.wo(rearrange(self._expanded(q_nope, q_pe, kv, k_pe, wkv_b), "b s h d -> b s (h d)"))
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
             scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
                       + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
             probs = _softmax(scores, mask, x.dtype)
             o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
             o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))
+
+
+    def expanding_pays(self, s: int) -> bool:
+        """Whether s queries are cheaper against per-head K/V expanded from the cached latents.
+
+        Per head, attending in latent space costs ~t·(2c + r) per query; expanding costs t·c·(d + d_v) once,
+        then t·(d + r + d_v) per query. So a long prefill or chunk expands (V3: s >= 171), a decode step
+        (s = 1) or an MTP verification (s = 2) stays latent -- the cache itself always stays latent.
+        """
+        c, d, dv = self.kv_lora_rank, self.nope, self.v_dim
+        gain = 2 * c - d - dv
+        return gain <= 0 or s * gain >= c * (d + dv)
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                  wkv_b: torch.Tensor) -> torch.Tensor:
+        """The same attention, through fused SDPA on K/V expanded from the latents: (b, s, h, d_v)."""
+        k_nope, v = torch.einsum("btc,hec->bhte", kv, wkv_b).split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (b h t d+r)
+        q = rearrange(torch.cat([q_nope, q_pe], dim=-1), "b s h e -> b h s e")
+        s, t = q.shape[2], k.shape[2]
+        # queries are the last s of the t positions: query i sees keys 0 .. t - s + i
+        mask = None if s == t else causal_mask(t - s, s, q.device) == 0
+        # torch's fused (flash) CPU kernel wants one head dim for q, k and v: zero-pad v (2.4x faster here)
+        pad = q.shape[-1] - self.v_dim
+        o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                           is_causal=mask is None, scale=self.softmax_scale)
+        return rearrange(o[..., : self.v_dim], "b h s d -> b s h d")
 
 
 def causal_mask(start_pos: int, s: int, device: torch.device) -> torch.Tensor:

@@ -44,11 +44,20 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None) -> list[list[int]]:
+             on_token=None, speculative: str | None = None) -> list[list[int]]:
     """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
 
     `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
+    `speculative="mtp"` drafts with the model's MTP module (`dsv3.speculative`): same output
+    for greedy decoding, same distribution when sampling.
     """
+    if speculative is not None:
+        if speculative != "mtp":
+            raise UsageError(f"speculative must be None or 'mtp', got {speculative!r}")
+        from dsv3.speculative import generate_mtp
+
+        return generate_mtp(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            eos_id=eos_id, seed=seed, on_token=on_token)
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -117,6 +126,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--json", action="store_true", help='print {"tokens": [[...]]} on one line')
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module as drafter")
 
 
 def _parse_ids(s: str) -> list[int]:
@@ -147,7 +157,7 @@ def main_generate(ns) -> int:
     if not prompts:
         raise UsageError("no prompt: give --prompt-ids 5,17,300")
     out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=ns.seed)
+                   top_k=ns.top_k, seed=ns.seed, speculative="mtp" if getattr(ns, "mtp", False) else None)
     if ns.json:
         print(json.dumps({"tokens": out}))
     else:

@@ -68,6 +68,7 @@ def add_args(p) -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--time-limit", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this many steps of this run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -400,7 +401,8 @@ def train(ns) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", mtp=f"{row['mtp_loss'] or 0:.3f}",
                                 tok_s=f"{row['tokens_per_s']:.0f}")
-            out_of_time = ns.time_limit is not None and (time.perf_counter() - t_begin) > 60 * ns.time_limit
+            out_of_time = (ns.time_limit is not None and (time.perf_counter() - t_begin) > 60 * ns.time_limit) or \
+                (getattr(ns, "stop_after", None) is not None and step - start >= ns.stop_after)
             if step % ns.save_every == 0 or step == ns.steps or stop["flag"] or out_of_time:
                 checkpoint(step)
             if stop["flag"] or out_of_time:

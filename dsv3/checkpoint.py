@@ -213,9 +213,18 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     args = ModelArgs.from_hf_config(path)
     if dtype is not None and args.dtype == "fp8":
         overrides.setdefault("dtype", "bf16")  # dequantise at load
+    wm = weight_map(path)
+    if "n_mtp_layers" not in overrides:
+        # transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+        # tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error).
+        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, wm) if m}
+        present = 0
+        while present < args.n_mtp_layers and args.n_layers + present in layers_present:
+            present += 1
+        if present < args.n_mtp_layers:
+            overrides["n_mtp_layers"] = present
     if overrides:
         args = args.replace(**overrides)
-    wm = weight_map(path)
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -265,6 +274,10 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
         state[ours] = t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary._table = None
+    if model.head.weight.device.type == "cpu":
+        from dsv3.layers import column_major_
+
+        column_major_(model.head)
     return model.eval()
 
 
@@ -286,3 +299,15 @@ def _group(names: list[str], limit: int = 12) -> str:
     shown = [k if len(v) > 1 else v[0] for k, v in groups.items()]
     more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more
+
+
+def save_model(model, path) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    tensors = {_dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))

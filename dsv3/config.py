@@ -324,6 +324,10 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     for hf, ours in _HF_RENAMES.items():
         if cfg.get(hf) is not None:
             out[ours] = cfg[hf]
+    # transformers' DeepseekV3Config has no scoring_func/topk_method (its router is always sigmoid +
+    # noaux_tc) and save_pretrained omits them; the released V3 config.json states them explicitly.
+    if mt == "deepseek_v3" and cfg.get("scoring_func") is None:
+        out["score_func"] = "sigmoid"
     # transformers' config class writes some fields under its own attribute names
     if cfg.get("num_mtp_layers") is not None and "num_nextn_predict_layers" not in cfg:
         out["n_mtp_layers"] = cfg["num_mtp_layers"]
@@ -341,7 +345,7 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     freq = cfg.get("moe_layer_freq", 1)
     if freq != 1:
         raise ConfigError(f"{source}: moe_layer_freq {freq} unsupported (DeepSeek-V3 uses 1)")
-    method = cfg.get("topk_method", "noaux_tc" if out.get("score_func", "softmax") == "sigmoid" else "greedy")
+    method = cfg.get("topk_method") or ("noaux_tc" if out.get("score_func", "softmax") == "sigmoid" else "greedy")
     if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
         raise ConfigError(f"{source}: topk_method {method!r} unsupported (expected noaux_tc, greedy "
                           "or group_limited_greedy)")
@@ -397,8 +401,16 @@ def _presets() -> dict[str, ModelArgs]:
         kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=64,
         rope_factor=4.0, n_mtp_layers=1,
     )
+    bench = ModelArgs(
+        # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times against transformers
+        max_seq_len=4096, vocab_size=32000, dim=512, inter_dim=2048, moe_inter_dim=256, n_layers=8,
+        n_dense_layers=1, n_heads=8, n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=256,
+        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=4096,
+    )
     return {
         "tiny": tiny,
+        "bench": bench,
         "16B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_16B.json").read_text())),
         "236B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_236B.json").read_text())),
         "671B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_671B.json").read_text()))

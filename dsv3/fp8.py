@@ -11,11 +11,29 @@ and multiplies the partial sum by both scales:
 These functions are what runs on CPU and the oracle the Triton kernels in
 `dsv3.kernels` are tested against. On CUDA, `fp8_linear` dispatches to the kernels
 (imported lazily: the model runs without triton).
+
+Exactness. Quantisation is defined as torch's own cast of the scaled values,
+`(x / s).clamp(-448, 448).to(torch.float8_e4m3fn)`: IEEE float32 division, then
+round-to-nearest-even onto the e4m3 grid, saturating at ±448 (torch's cast alone
+would turn values past 464 into NaN, hence the clamp). The Triton kernels produce
+the same bytes. `ue8m0` scales are rounded up to a power of two on the float's bits,
+exactly (`ceil(log2(s))` in float32 can round down for s just above a power of two).
+
+NaN/Inf policy (kernels and references alike). A NaN anywhere in a tile makes the
+tile's amax, hence its scale, NaN: every element of the tile quantises to NaN.
+An ±Inf makes the scale Inf: the Inf itself becomes NaN (Inf/Inf) and its finite
+neighbours ±0. Either way the tile's partial sums in `fp8_gemm` are NaN and so is
+every output of that row: a non-finite activation is never silently saturated to
+±448. NaN bytes may differ in their sign bit between torch and a GPU; compare NaN
+positions, not NaN bytes. The amax floor 1e-4 keeps an all-zero tile's scale
+positive (it quantises to zeros, -0.0 stays -0.0).
 """
 
 from __future__ import annotations
 
 import torch
+
+from dsv3.errors import UsageError
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
@@ -33,9 +51,14 @@ def _pad_to_blocks(x: torch.Tensor, block_size: int, dims: tuple[int, ...]) -> t
     return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
-def _round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
-    """Round a positive float32 scale up to the next power of two (exactly)."""
-    return torch.exp2(torch.ceil(torch.log2(s)))
+def round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 scales up to the next power of two, exactly (NaN and Inf pass through).
+
+    Done on the bits: keep the exponent, add one to it if any mantissa bit is set.
+    """
+    bits = s.float().view(torch.int32)
+    up = (bits & 0x7F800000) + torch.where((bits & 0x007FFFFF) != 0, 0x00800000, 0).to(torch.int32)
+    return torch.where(torch.isnan(s), s, up.view(torch.float32))
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +69,11 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)  # (..., nb)
     s = amax / E4M3_MAX
     if scale_fmt == "ue8m0":
-        s = _round_scale_ue8m0(s)
+        s = round_scale_ue8m0(s)
     elif scale_fmt is not None:
-        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+        raise UsageError(f"act_quant: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     y = (xf / s[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return y.flatten(-2)[..., :k], s
+    return y.flatten(-2)[..., :k].contiguous(), s
 
 
 def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

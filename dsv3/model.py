@@ -92,14 +92,16 @@ class Transformer(nn.Module):
                     mod.bias.zero_()
 
     # ------------------------------------------------------------------ inference
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> Cache:
-        """A cache for `batch` sequences of up to `max_len` tokens (default: args.max_seq_len)."""
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  mtp: bool = False) -> Cache:
+        """A cache for `batch` sequences of up to `max_len` tokens (default: args.max_seq_len);
+        with `mtp`, also one per MTP module (speculative decoding)."""
         max_len = max_len or self.args.max_seq_len
         dtype = dtype or self.embed.weight.dtype
         device = self.embed.weight.device
         layers = [blk.attn.new_cache(batch, max_len, dtype, device) for blk in self.layers]
-        mtp = [m.block.attn.new_cache(batch, max_len, dtype, device) for m in self.mtp]
-        return Cache(layers, mtp, batch, max_len)
+        mtp_caches = [m.block.attn.new_cache(batch, max_len, dtype, device) for m in self.mtp] if mtp else []
+        return Cache(layers, mtp_caches, batch, max_len)
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, cache: Cache | None = None) -> torch.Tensor:
         """Final hidden states after the last norm, (b, s, m)."""

@@ -1,0 +1,393 @@
+"""Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor.
+
+Every measurement runs in a fresh process (`--worker`), implementations alternate
+run by run, and the table reports medians and ratios. The floor is the time to
+read, once, the weights a decode step must touch -- the activated parameters
+without the embedding table (a lookup reads one row) -- at this machine's measured
+single-stream read bandwidth (an fp32 matrix-vector product over 256 MB).
+For batch B, the routed experts touched per step are the expected number of
+distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
+
+
+def add_args(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="a Hugging Face DeepSeek-V3 directory")
+    src.add_argument("--preset", default="bench", help="write a random checkpoint of this preset once (default: bench)")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt", default="512,2048", help="comma-separated prompt lengths (default 512,2048)")
+    p.add_argument("--new", type=int, default=64, help="decode steps timed per run (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the floor uses --hbm-gb-s)")
+    p.add_argument("--hbm-gb-s", type=float, default=4800.0, help="GPU memory bandwidth for the floor (H200: 4800)")
+    p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
+    p.add_argument("--compare", default="", help="'transformers' to time it on the same checkpoint")
+    p.add_argument("--compile", action="store_true", help="also time dsv3 with a torch.compile'd decode step")
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per cell (median reported)")
+    p.add_argument("--contexts", default="", help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
+    p.add_argument("--plot", default=None, help="write the step-time-vs-context plot to this PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker", default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _ints(s: str) -> list[int]:
+    from dsv3.errors import UsageError
+
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {s!r}") from None
+
+
+# ---------------------------------------------------------------------- checkpoint
+def ensure_checkpoint(preset: str, dtype: str) -> Path:
+    """A random checkpoint of `preset` in the HF layout, written once and reused."""
+    import torch
+
+    from dsv3.checkpoint import save_model
+    from dsv3.config import ModelArgs
+    from dsv3.model import Transformer
+
+    path = BENCH_DIR / f"{preset}-{dtype}"
+    if (path / "config.json").is_file():
+        return path
+    args = ModelArgs.preset(preset)
+    torch.manual_seed(0)
+    model = Transformer(args, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # a non-zero correction bias, so routing depends on it as in the release
+        for layer in model.layers:
+            gate = getattr(layer.ffn, "gate", None)
+            if gate is not None and gate.bias is not None:
+                gate.bias.normal_(0, 0.01)
+    save_model(model, path)
+    return path
+
+
+# ---------------------------------------------------------------------- floor
+def read_bandwidth(threads: int, mbytes: int = 256) -> float:
+    """Bytes/s streamed by an fp32 matrix-vector product over `mbytes` MB (best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = 4096
+    k = mbytes * 2**20 // (4 * n)
+    w = torch.randn(k, n)  # (K, N) row-major: x @ w streams it in order
+    x = torch.randn(1, k)
+    x @ w
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - t)
+    return w.numel() * 4 / best
+
+
+def floor_bytes(args, batch: int, bytes_per_param: int) -> float:
+    from dsv3.info import param_counts
+
+    pc = param_counts(args)
+    expert = 3 * args.dim * args.moe_inter_dim
+    n_moe = args.n_layers - args.n_dense_layers
+    e, k = args.n_routed_experts, args.n_activated_experts
+    distinct = e * (1 - (1 - k / e) ** batch)
+    active = pc["active_params"] - pc["embedding_params"] + n_moe * (distinct - k) * expert
+    return active * bytes_per_param
+
+
+# ---------------------------------------------------------------------- workers
+def _rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    dtype = getattr(torch, spec["dtype"])
+    device = torch.device(spec.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    b, prompt, new = spec["batch"], spec["prompt"], spec["new"]
+    contexts = spec.get("contexts") or []
+    total = max([prompt + new] + [c + 9 for c in contexts])
+    tokens = torch.randint(0, spec["vocab"], (b, total)).to(device)
+    rss0 = _rss_bytes()
+    if spec["impl"] == "transformers":
+        step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
+    else:
+        step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
+                                                                 spec.get("compile", False), device)
+    out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
+    with torch.inference_mode():
+        prefill(tokens[:, :8])  # warm-up (kernel selection, lazy tables)
+        sync()
+        t = time.perf_counter()
+        logits = prefill(tokens[:, :prompt])
+        sync()
+        out["prefill_s"] = time.perf_counter() - t
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for i in range(new):
+            t = time.perf_counter()
+            logits = step(nxt, prompt + i)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            times.append(time.perf_counter() - t)
+        out["decode_step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
+        out["kv_bytes_per_token"] = cache_bytes() / (b * (prompt + new))
+        curve = []
+        if contexts:  # step time as the context grows: extend the cache in chunks, time 8 steps at each
+            pos = prompt + new
+            for c in sorted(contexts):
+                if c > pos:
+                    prefill_more = step(tokens[:, pos:c], pos)
+                    nxt = prefill_more[:, -1].argmax(-1, keepdim=True)
+                    pos = c
+                ts = []
+                for _ in range(8):
+                    t = time.perf_counter()
+                    logits = step(nxt, pos)
+                    sync()
+                    ts.append(time.perf_counter() - t)
+                    nxt = logits[:, -1].argmax(-1, keepdim=True)
+                    pos += 1
+                curve.append((c, statistics.median(ts)))
+        out["curve"] = curve
+    out["peak_rss"] = _rss_bytes()
+    out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    out["peak_rss_growth"] = out["peak_rss"] - rss0  # what loading and running added to the interpreter
+    out["weights_bytes"] = weights_bytes
+    return out
+
+
+def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, compile_step: bool, device):
+    from dsv3.checkpoint import load_model
+
+    attn = impl.split(":")[1]
+    model = load_model(ckpt, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max(max_len, 16))
+    cache = model.new_cache(batch, max_len)
+    fwd = model
+    if compile_step:
+        import torch
+
+        fwd = torch.compile(model, dynamic=True)
+
+    def prefill(x):
+        return model(x, 0, cache)
+
+    def step(x, pos):
+        return fwd(x, pos, cache)
+
+    return step, prefill, cache.nbytes, _param_bytes(model)
+
+
+def _transformers_runner(ckpt: str, dtype, device):
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    state = {}
+
+    def prefill(x):
+        out = model(input_ids=x, use_cache=True)
+        state["pkv"] = out.past_key_values
+        return out.logits
+
+    def step(x, pos):
+        out = model(input_ids=x, past_key_values=state["pkv"], use_cache=True)
+        state["pkv"] = out.past_key_values
+        return out.logits
+
+    def cache_bytes():
+        import torch
+
+        total = 0
+        for t in _tensors(state["pkv"]):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        return total
+
+    return step, prefill, cache_bytes, _param_bytes(model)
+
+
+def _param_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _tensors(obj, depth=0):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif depth < 4 and hasattr(obj, "layers"):
+        for layer in obj.layers:
+            for name in ("keys", "values", "key_cache", "value_cache"):
+                if hasattr(layer, name):
+                    yield from _tensors(getattr(layer, name), depth + 1)
+
+
+def _spawn(spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    r = subprocess.run([sys.executable, "-m", "dsv3.bench.decode", "--worker", json.dumps(spec)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({spec['impl']}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- driver
+def run(ns) -> int:
+    from dsv3.config import ModelArgs
+
+    if ns.worker:
+        print(json.dumps(worker(json.loads(ns.worker))))
+        return 0
+    ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
+    args = ModelArgs.from_hf_config(ckpt)
+    impls = [f"dsv3:{a}" for a in ns.attn.split(",") if a]
+    if ns.compile:
+        impls.append("dsv3-compile:absorb")
+    if ns.compare:
+        if ns.compare != "transformers":
+            from dsv3.errors import UsageError
+
+            raise UsageError(f"--compare supports 'transformers', got {ns.compare!r}")
+        impls.append("transformers")
+    bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
+    bpp = 4 if ns.dtype == "float32" else 2
+    rows = []
+    for batch in _ints(ns.batch):
+        for prompt in _ints(ns.prompt):
+            cell: dict[str, list[dict]] = {i: [] for i in impls}
+            for _ in range(ns.repeats):
+                for impl in impls:  # alternate implementations run by run
+                    spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch, device=ns.device,
+                                prompt=prompt, new=ns.new, vocab=args.vocab_size,
+                                compile=impl.startswith("dsv3-compile"))
+                    cell[impl].append(_spawn(spec))
+            floor_s = floor_bytes(args, batch, bpp) / bw
+            for impl, runs in cell.items():
+                med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
+                rows.append(dict(impl=impl.replace("dsv3-compile", "dsv3+compile"), batch=batch, prompt=prompt,
+                                 prefill_tok_s=batch * prompt / med("prefill_s"),
+                                 decode_tok_s=batch / med("decode_step_s"),
+                                 decode_step_ms=1e3 * med("decode_step_s"),
+                                 x_floor=med("decode_step_s") / floor_s,
+                                 peak_rss_mb=med("peak_rss") / 2**20,
+                                 rss_growth_mb=med("peak_rss_growth") / 2**20,
+                                 kv_bytes_per_token=med("kv_bytes_per_token")))
+    curves = {}
+    if ns.contexts:
+        ctx = _ints(ns.contexts)
+        for impl in impls:
+            spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
+                        new=1, vocab=args.vocab_size, contexts=ctx, compile=impl.startswith("dsv3-compile"))
+            curves[impl] = _spawn(spec)["curve"]
+    floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in _ints(ns.batch)}
+    _add_ratios(rows)
+    result = dict(ckpt=str(ckpt), dtype=ns.dtype, device=ns.device, threads=ns.threads, read_gb_s=bw / 1e9,
+                  floor_ms=floor_ms,
+                  rows=rows, curves=curves, machine=_machine())
+    if ns.plot and curves:
+        _plot(curves, floor_ms[min(floor_ms)], ns.plot, ns.dtype)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    ref = {(r["batch"], r["prompt"]): r for r in rows if r["impl"] == "transformers"}
+    for r in rows:
+        t = ref.get((r["batch"], r["prompt"]))
+        if t and r["impl"] != "transformers":
+            r["decode_vs_transformers"] = r["decode_tok_s"] / t["decode_tok_s"]
+            r["prefill_vs_transformers"] = r["prefill_tok_s"] / t["prefill_tok_s"]
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return dict(cpu=cpu, gpu=gpu, python=platform.python_version(), torch=torch.__version__, commit=commit,
+                date=time.strftime("%Y-%m-%d"))
+
+
+def _print_table(res: dict) -> None:
+    print(f"checkpoint {res['ckpt']}  dtype {res['dtype']}  device {res['device']}  threads {res['threads']}  "
+          f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['gpu'] or res['machine']['cpu']}")
+    print("floor (ms/step): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in res["floor_ms"].items()))
+    hdr = f"{'impl':<20}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
+          f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}"
+    print(hdr)
+    for r in res["rows"]:
+        vs_d = f"{r['decode_vs_transformers']:.2f}x" if "decode_vs_transformers" in r else "-"
+        vs_p = f"{r['prefill_vs_transformers']:.2f}x" if "prefill_vs_transformers" in r else "-"
+        print(f"{r['impl']:<20}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+              f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}{vs_d:>10}{vs_p:>10}{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}"
+              f"{r['kv_bytes_per_token']:>10.0f}")
+    for impl, curve in res["curves"].items():
+        print(f"{impl}: step ms by context " + ", ".join(f"{c}: {1e3 * s:.2f}" for c, s in curve))
+
+
+def _plot(curves: dict, floor_ms: float, path: str, dtype: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for impl, curve in curves.items():
+        ax.plot([c for c, _ in curve], [1e3 * s for _, s in curve], marker="o", label=impl)
+    ax.axhline(floor_ms, color="k", ls="--", lw=1, label="floor (weights read once)")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode step (ms), batch 1")
+    ax.set_title(f"decode step vs context ({dtype}, 1 thread)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,216 @@
+"""FP8 block-scaled GEMM vs bf16 matmul vs torch._scaled_mm on DeepSeek-V3's shapes (TFLOP/s, share of peak).
+
+For every M in {1, 16, 128, 1024, 4096} and every (N, K) of the model's linear layers
+(q_b (24576, 1536), kv_b (32768, 512), o (7168, 16384), dense up/gate (18432, 7168),
+dense down (7168, 18432), expert up/gate (2048, 7168), expert down (7168, 2048),
+kv_a (576, 7168)), times C = A·Bᵀ three ways:
+
+  fp8_gemm    dsv3.kernels.fp8_gemm: 1×128 activation tiles, 128×128 weight blocks
+  bf16        torch.matmul of the same shape in bfloat16
+  scaled_mm   torch._scaled_mm with one scale per row of A and per column of Bᵀ (cuBLAS FP8),
+              where this torch/GPU supports it
+
+FLOPs = 2·M·N·K. "% peak" compares each with the card's dense peak for its input type
+(FP8 for fp8_gemm and scaled_mm, BF16 for bf16), from a small table of known cards or
+--peak-fp8/--peak-bf16. The `err` column is ‖fp8_gemm − ref‖/‖ref‖ against a float32
+matmul of the dequantised operands: a broken kernel shows up here, not only in the tests.
+
+Without CUDA only `--quick` runs (tiny shapes, the Triton interpreter or the torch
+reference): it exercises the command end to end; its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+from dsv3.errors import UsageError
+
+MS = (1, 16, 128, 1024, 4096)
+NKS = ((24576, 1536), (32768, 512), (7168, 16384), (18432, 7168), (7168, 18432), (2048, 7168), (7168, 2048),
+       (576, 7168))
+QUICK_MS = (1, 16)
+QUICK_NKS = ((256, 256), (192, 320))
+
+# dense (no sparsity) peaks in TFLOP/s: (bf16, fp8), from the vendors' data sheets
+PEAKS = {
+    "H200": (989.5, 1979.0),
+    "H100 SXM": (989.5, 1979.0), "H100 80GB HBM3": (989.5, 1979.0), "H800": (989.5, 1979.0),
+    "H100 PCIe": (756.0, 1513.0), "H100 NVL": (835.0, 1671.0), "H20": (148.0, 296.0),
+    "L40S": (362.0, 733.0), "L4": (121.0, 242.0), "B200": (2250.0, 4500.0),
+}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json-out", type=str, default=None, help="also write the JSON object to this file")
+    p.add_argument("--quick", action="store_true", help="tiny shapes only (runs on CPU, through the Triton interpreter)")
+    p.add_argument("--m", type=str, default=None, help="comma-separated M values (default: 1,16,128,1024,4096)")
+    p.add_argument("--rep-ms", type=float, default=30.0, help="GPU: milliseconds of repetitions per measurement")
+    p.add_argument("--peak-fp8", type=float, default=None, help="dense FP8 peak of this card in TFLOP/s")
+    p.add_argument("--peak-bf16", type=float, default=None, help="dense BF16 peak of this card in TFLOP/s")
+
+
+def _card_peaks(name: str) -> tuple[float | None, float | None]:
+    for key in sorted(PEAKS, key=len, reverse=True):
+        if key in name:
+            return PEAKS[key]
+    return None, None
+
+
+def _scaled_mm(torch, a, b_t, sa, sb):
+    """torch._scaled_mm across versions: older ones return (out, amax), newer just out."""
+    out = torch._scaled_mm(a, b_t, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run(ns: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not ns.quick:
+        raise UsageError("bench kernels: the full DeepSeek-V3 shape set needs a CUDA GPU; use --quick on CPU")
+    if not cuda and "triton" not in sys.modules:
+        # Triton can only interpret on CPU, and decides so when it is first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        ms = tuple(int(v) for v in ns.m.split(",")) if ns.m else (QUICK_MS if ns.quick else MS)
+    except ValueError:
+        raise UsageError(f"bench kernels: --m must be comma-separated integers, got {ns.m!r}") from None
+    if any(m < 1 for m in ms):
+        raise UsageError(f"bench kernels: --m values must be ≥ 1, got {ms}")
+    nks = QUICK_NKS if ns.quick else NKS
+
+    from dsv3 import fp8
+
+    impl, gemm, quant = "torch reference", fp8.fp8_gemm, fp8.act_quant
+    try:
+        from dsv3.kernels import fp8_gemm as kgemm
+        from dsv3.kernels import fp8_quant as kquant
+
+        if cuda or kquant._interpreting():
+            impl = "triton interpreter" if kquant._interpreting() else "triton"
+            gemm, quant = kgemm.fp8_gemm, kquant.act_quant
+    except ImportError:
+        if cuda:
+            raise
+    device = "cuda" if cuda else "cpu"
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    peak_bf16, peak_fp8 = _card_peaks(card) if cuda else (None, None)
+    peak_bf16, peak_fp8 = ns.peak_bf16 or peak_bf16, ns.peak_fp8 or peak_fp8
+
+    def timeit(fn) -> float:
+        """Seconds per call."""
+        if cuda:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=max(5.0, ns.rep_ms / 4), rep=ns.rep_ms) * 1e-3
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": card, "impl": impl,
+              "torch": torch.__version__, "peak_tflops": {"bf16": peak_bf16, "fp8": peak_fp8},
+              "quick": bool(ns.quick), "rows": []}
+    if cuda:
+        import triton
+
+        result["triton"] = triton.__version__
+    rows = result["rows"]
+    if not ns.json:
+        _print_head(result)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n, k in nks:
+        w = torch.randn(n, k, device=device, generator=gen) * 0.02
+        wq, ws = fp8.weight_quant(w) if not cuda else kquant.weight_quant(w)
+        w16 = w.to(torch.bfloat16)
+        wdeq = fp8.weight_dequant(wq, ws, dtype=torch.float32)
+        for m in ms:
+            x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
+            xq, xs = quant(x)
+            flops = 2.0 * m * n * k
+            out = gemm(xq, xs, wq, ws)
+            xdeq = (torch.nn.functional.pad(xq.float(), (0, (-k) % 128)).unflatten(-1, (-1, 128)) * xs[..., None])
+            ref = xdeq.flatten(-2)[:, :k] @ wdeq.T
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            t_fp8 = timeit(partial(gemm, xq, xs, wq, ws))
+            t_bf16 = timeit(partial(torch.matmul, x, w16.T))
+            t_smm, smm_note = None, None
+            try:
+                sa = torch.rand(m, 1, device=device, generator=gen) + 0.5
+                sb = torch.rand(1, n, device=device, generator=gen) + 0.5
+                bt = wq.T  # (K, N) column-major, as cuBLAS wants the second operand
+                _scaled_mm(torch, xq, bt, sa, sb)
+                t_smm = timeit(partial(_scaled_mm, torch, xq, bt, sa, sb))
+            except Exception as e:  # not supported by this torch / GPU / shape
+                smm_note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row = {"M": m, "N": n, "K": k, "err": err,
+                   "fp8_gemm_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12,
+                   "scaled_mm_tflops": flops / t_smm / 1e12 if t_smm else None}
+            row["fp8_pct_peak"] = 100 * row["fp8_gemm_tflops"] / peak_fp8 if peak_fp8 else None
+            row["bf16_pct_peak"] = 100 * row["bf16_tflops"] / peak_bf16 if peak_bf16 else None
+            row["scaled_mm_pct_peak"] = 100 * row["scaled_mm_tflops"] / peak_fp8 if peak_fp8 and t_smm else None
+            row["fp8_vs_bf16"] = t_bf16 / t_fp8
+            row["fp8_vs_scaled_mm"] = t_smm / t_fp8 if t_smm else None
+            if smm_note:
+                row["scaled_mm_note"] = smm_note
+            rows.append(row)
+            if not ns.json:
+                _print_row(row)  # as it comes: the first autotuning of each shape takes a while
+
+    if ns.json_out:
+        with open(ns.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        _print_notes(result)
+    return 0
+
+
+def _fmt(v, width: int, prec: int = 1) -> str:
+    if v is None:
+        return "-".rjust(width)
+    return f"{v:>{width}.{prec if abs(v) >= 1 else 3}f}"
+
+
+HEAD = (f"{'M':>5} {'N':>6} {'K':>6} | {'fp8_gemm':>8} {'%pk':>5} | {'bf16':>8} {'%pk':>5} | "
+        f"{'scaled_mm':>9} {'%pk':>5} | {'fp8/bf16':>8} {'fp8/smm':>8} | {'err':>7}")
+
+
+def _print_head(r: dict) -> None:
+    pk = r["peak_tflops"]
+    print(f"# {r['date']}  {r['device']}  fp8_gemm={r['impl']}  torch {r['torch']}  "
+          f"peak TFLOP/s bf16={_fmt(pk['bf16'], 0, 0).strip()} fp8={_fmt(pk['fp8'], 0, 0).strip()}")
+    if r["quick"] and r["device"] == "cpu":
+        print("# CPU --quick: checks the command end to end; the timings are not meaningful")
+    print("# TFLOP/s (2·M·N·K / time); %pk against the card's dense peak for the input type; err = fp8_gemm vs fp32")
+    print(HEAD)
+    print("-" * len(HEAD), flush=True)
+
+
+def _print_row(x: dict) -> None:
+    print(f"{x['M']:>5} {x['N']:>6} {x['K']:>6} | {_fmt(x['fp8_gemm_tflops'], 8)} {_fmt(x['fp8_pct_peak'], 5)} | "
+          f"{_fmt(x['bf16_tflops'], 8)} {_fmt(x['bf16_pct_peak'], 5)} | "
+          f"{_fmt(x['scaled_mm_tflops'], 9)} {_fmt(x['scaled_mm_pct_peak'], 5)} | "
+          f"{_fmt(x['fp8_vs_bf16'], 7, 2)}x {_fmt(x['fp8_vs_scaled_mm'], 7, 2)}x | {x['err']:>7.1e}", flush=True)
+
+
+def _print_notes(r: dict) -> None:
+    notes = {x.get("scaled_mm_note") for x in r["rows"]} - {None}
+    for note in sorted(notes):
+        print(f"# scaled_mm unavailable: {note}")
+
+
+def print_table(r: dict) -> None:
+    """The whole table of a result (e.g. one read back from --json-out)."""
+    _print_head(r)
+    for x in r["rows"]:
+        _print_row(x)
+    _print_notes(r)

@@ -1,0 +1,57 @@
+"""Test-session setup and shared fixtures.
+
+Triton decides between compiling and interpreting when *it* is imported (its own library
+functions, tl.cdiv, tl.max, ..., are decorated then), not when our kernels are called. A
+process that wants the interpreter must therefore set TRITON_INTERPRET=1 before anything
+imports triton. Without CUDA the interpreter is the only way to run the kernels at all, so
+the test session asks for it here, first, unless the caller chose otherwise.
+
+`make_model` builds small dsv3 models with random, non-trivial weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from dsv3.config import ModelArgs  # noqa: E402
+from dsv3.model import Transformer  # noqa: E402
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Matrices ~ N(0, 1/fan_in), norm gains 1 ± 0.2, embeddings N(0, 1), gate biases N(0, 0.5²).
+
+    (init_weights' std 0.02 makes attention nearly uniform and routing nearly random:
+    equivalence tests would prove less on such a model.)
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif name.endswith("gate.bias"):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        elif name.startswith("embed"):
+            p.copy_(torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.fixture
+def make_model():
+    """make_model(preset_or_args="tiny", seed=0, dtype=torch.float32, **overrides) -> Transformer in eval mode."""
+
+    def make(spec: str | ModelArgs = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+        args = ModelArgs.preset(spec) if isinstance(spec, str) else spec
+        if overrides:
+            args = args.replace(**overrides)
+        return randomize_(Transformer(args, dtype=dtype), seed).eval()
+
+    return make

@@ -1,0 +1,43 @@
+"""`dsv3 bench decode` runs end to end (correctness of the command, no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny_runs_and_reports(tmp_path):
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--batch", "1",
+                        "--prompt", "8", "--new", "3", "--repeats", "1", "--attn", "absorb,naive",
+                        "--compare", "transformers", "--contexts", "8,16", "--plot", str(tmp_path / "p.png"), "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    impls = {row["impl"] for row in res["rows"]}
+    assert impls == {"dsv3:absorb", "dsv3:naive", "transformers"}
+    for row in res["rows"]:
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+        if row["impl"] != "transformers":
+            assert row["decode_vs_transformers"] > 0
+    # the absorbed cache holds c + r values per token per layer; naive h·(d + r + d)
+    from dsv3.config import ModelArgs
+
+    a = ModelArgs.preset("tiny")
+    absorbed = next(r for r in res["rows"] if r["impl"] == "dsv3:absorb")
+    naive = next(r for r in res["rows"] if r["impl"] == "dsv3:naive")
+    assert absorbed["kv_bytes_per_token"] == (a.kv_lora_rank + a.qk_rope_head_dim) * 4 * a.n_layers
+    assert naive["kv_bytes_per_token"] == a.n_heads * (a.qk_head_dim + a.v_head_dim) * 4 * a.n_layers
+    assert set(res["curves"]) == {"dsv3:absorb", "dsv3:naive", "transformers"}
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_bench_decode_rejects_unknown_compare(tmp_path):
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--compare", "vllm"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "--compare" in r.stderr and "Traceback" not in r.stderr

@@ -122,7 +122,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     in_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, total)
+    cache = model.new_cache(b, total, mtp=True)
     mtp = model.mtp[0]
 
     def main_forward(start: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

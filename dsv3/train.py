@@ -388,8 +388,10 @@ def train(ns) -> dict:
             stats.update_bias(ns.bias_gamma)
             step += 1
             dt = time.perf_counter() - t0
-            row = {"step": step, "lr": lr, "loss": float(ce.detach()), "mtp_loss": float(mtp_ce.detach()) if mtp_ce is not None else None,
-                   "balance_loss": float(stats.balance_loss) if stats.balance_loss is not None else 0.0,
+            bal = stats.balance_loss
+            row = {"step": step, "lr": lr, "loss": float(ce.detach()),
+                   "mtp_loss": float(mtp_ce.detach()) if mtp_ce is not None else None,
+                   "balance_loss": float(bal.detach()) if bal is not None else 0.0,
                    "grad_norm": float(gnorm), "tokens_per_s": ns.batch_size * ns.seq_len / dt,
                    "elapsed_s": time.perf_counter() - t_begin,
                    "load_max_over_mean": stats.load_summary(),

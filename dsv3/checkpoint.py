@@ -11,17 +11,28 @@ latter `<linear>.scale` and slices it along the same dimension, in blocks.
 
 The MTP modules live at `model.layers.{n_layers + k}` in HF; in dsv3 at `mtp.{k}`,
 with the decoder-block tensors under `mtp.{k}.block`.
+
+Loading (`load_model`) first checks everything it can without reading tensor data
+(`check_checkpoint`: config <-> index <-> shard headers, missing/unexpected names,
+shapes, dtypes, FP8 weights without scales), then streams: shards are memory-mapped
+and each tensor is converted straight from the mapped bytes into its final place and
+its pages released, so resident memory stays within the final model plus one tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import os
 import re
+import struct
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dsv3.config import ModelArgs
 from dsv3.errors import CheckpointError
@@ -57,7 +68,7 @@ _MTP_TABLE: list[tuple[str, str, int | None]] = [
     ("eh_proj.weight", "eh_proj.weight", None),
     ("shared_head.norm.weight", "norm.weight", None),
 ]
-# MTP copies of the shared embedding and head: checked equal to the main model's, not loaded twice.
+# MTP copies of the shared embedding and head: not loaded twice; load_model checks them equal to the main ones.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 _TOP_TABLE: list[tuple[str, str, int | None]] = [
     ("model.embed_tokens.weight", "embed.weight", 0),
@@ -160,119 +171,459 @@ def _dsv3_name_to_hf(name: str, args: ModelArgs) -> str:
     raise KeyError(name)
 
 
-# ---------------------------------------------------------------------- reading
+def is_quantized_in_release(hf_name: str) -> bool:
+    """Whether the DeepSeek FP8 release stores this `.weight` as FP8 (with a `weight_scale_inv`).
+
+    Exactly the Linear weights of the decoder blocks (main and MTP): not the embeddings,
+    head, norms, gate weight/bias, nor the MTP eh_proj / shared_head / embed_tokens.
+    """
+    m = _LAYER_PREFIX.match(hf_name)
+    if not m or not hf_name.endswith(".weight"):
+        return False
+    return any(is_linear and pat.match(m.group(2)) for pat, _, _, is_linear in _LAYER_RE)
+
+
+def _meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    from dsv3.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(args).state_dict()
+
+
+def default_checkpoint() -> Path:
+    """The bundled small model the commands use without --ckpt (dsv3/assets/dsv3-tiny)."""
+    path = BUNDLED_MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"no --ckpt given and the bundled model {path} is not installed: pass --ckpt DIR "
+                              "(a Hugging Face DeepSeek-V3 checkpoint directory with config.json and safetensors)")
+    return path
+
+
+BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "dsv3-tiny"
+
+
+# ---------------------------------------------------------------------- safetensors, read by hand
+# Parsing the header ourselves lets every check (names, shapes, dtypes, truncation) run
+# before a single tensor byte is read, and lets the loader drop each tensor's pages from
+# the process as soon as it has been copied (the bound on resident memory).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one .safetensors file, validated against the file size (no data read)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{file}: corrupted safetensors header (says {n} header bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)") from None
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[h["dtype"]]
+            shape = tuple(int(d) for d in h["shape"])
+            lo, hi = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupted safetensors header entry for {name} ({h!r:.80})") from None
+        want = math.prod(shape) * dtype.itemsize
+        if hi - lo != want:
+            raise CheckpointError(f"{file}: tensor {name} has {hi - lo} bytes, expected {want} for "
+                                  f"{h['dtype']} {list(shape)} (corrupted header)")
+        if base + hi > size:
+            raise CheckpointError(f"{file}: truncated: tensor {name} ends at byte {base + hi}, file has {size} bytes")
+        out[name] = TensorInfo(name, file, dtype, shape, base + lo, base + hi)
+    return out
+
+
+class ShardReader:
+    """One memory-mapped shard; `read` copies a tensor out and releases its pages again."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._f = open(file, "rb")
+        # ACCESS_COPY: a private mapping is writable, so torch.frombuffer needs no copy or warning;
+        # nothing is ever written, so no page is ever duplicated.
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def read(self, info: TensorInfo, fn=None):
+        """fn(view) on a zero-copy view of the tensor (default: a copy of it); fn must not keep the view.
+
+        Giving fn the mapped bytes directly (cast, move to a GPU, compare, dequantise) means no
+        intermediate copy is ever allocated: resident memory grows by the result only.
+        """
+        if info.nbytes == 0:
+            view = torch.empty(info.shape, dtype=info.dtype)
+            return fn(view) if fn else view
+        view = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        view = view.view(info.dtype).reshape(info.shape)
+        try:
+            return fn(view) if fn else view.clone()
+        finally:
+            del view
+            if hasattr(self._mm, "madvise"):
+                # Drop the file pages from our resident set (the page cache keeps them). The kernel's
+                # fault-around maps up to 64 KiB of neighbours too, hence the margin.
+                margin = 1 << 18
+                lo = max(0, info.start - margin)
+                lo -= lo % mmap.PAGESIZE
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, min(len(self._mm), info.end + margin) - lo)
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except BufferError:  # a view still alive somewhere; the GC unmaps it later
+            pass
+        self._f.close()
+
+
+# ---------------------------------------------------------------------- checks (no tensor read)
 def weight_map(path: Path) -> dict[str, str]:
     """HF tensor name -> shard file name, from the index or the single model.safetensors."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            assert isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected {{\"weight_map\": "
+                                  "{tensor name: shard file}}})") from None
         missing = sorted({f for f in wm.values() if not (path / f).is_file()})
         if missing:
-            raise CheckpointError(f"{index}: shard file(s) listed in the index are missing: {missing}")
+            raise CheckpointError(f"{index}: shard file(s) listed in the index are missing: {_group(missing)}")
         return wm
     single = path / "model.safetensors"
     if single.is_file():
-        try:
-            with safe_open(single, "pt") as f:
-                return {k: single.name for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
+        return {k: single.name for k in read_header(single)}
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_tensors(path: Path, names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) shard by shard, one tensor at a time (memory-mapped reads)."""
-    by_file: dict[str, list[str]] = {}
-    for n, f in names.items():
-        by_file.setdefault(f, []).append(n)
-    for fname in sorted(by_file):
-        try:
-            with safe_open(path / fname, "pt") as f:
-                for n in by_file[fname]:
-                    yield n, f.get_tensor(n)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
-
-
-def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **overrides):
-    """Load a Hugging Face DeepSeek-V3 directory into a `dsv3.Transformer`.
-
-    `dtype` casts the floating weights (FP8 weights are dequantised into it);
-    None keeps them as stored. `overrides` set ModelArgs fields (attn_impl, max_seq_len, ...).
-    """
-    from dsv3.model import Transformer
-
+def scan(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint with its location, index and shard headers cross-checked."""
     path = Path(path)
+    wm = weight_map(path)
+    headers = {f: read_header(path / f) for f in sorted(set(wm.values()))}
+    out: dict[str, TensorInfo] = {}
+    absent = []
+    for name, f in wm.items():
+        info = headers[f].get(name)
+        if info is None:
+            absent.append(f"{name} (in {f})")
+        else:
+            out[name] = info
+    if absent:
+        raise CheckpointError(f"{path}: the index lists tensor(s) their shard does not contain: {_group(absent)}")
+    return out
+
+
+@dataclass
+class LoadPlan:
+    """Everything `load_model` will do, decided before any tensor is read."""
+
+    path: Path
+    ckpt_args: ModelArgs  # as config.json says (dtype "fp8" for a quantized checkpoint)
+    args: ModelArgs  # the model to build (dtype "bf16" when dequantising at load)
+    tensors: dict[str, TensorInfo]  # HF name -> location
+    mapping: dict[str, str] = field(default_factory=dict)  # dsv3 name -> HF name
+    scales: dict[str, str] = field(default_factory=dict)  # dsv3 weight name -> HF scale name (dequantised at load)
+    copies: dict[str, str] = field(default_factory=dict)  # HF name of an MTP copy -> dsv3 main name
+    expected: dict[str, torch.Tensor] = field(default_factory=dict)  # dsv3 name -> meta tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tensors[h].nbytes for h in self.mapping.values())
+
+
+def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> LoadPlan:
+    """Check a checkpoint against its config.json without reading any tensor data.
+
+    Raises a `CheckpointError` (or `ConfigError`) naming the file/tensor and what was expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory (expected a Hugging Face checkpoint with config.json)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint with config.json)")
-    args = ModelArgs.from_hf_config(path)
-    if dtype is not None and args.dtype == "fp8":
-        overrides.setdefault("dtype", "bf16")  # dequantise at load
-    wm = weight_map(path)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{path}: directory is not readable")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V3 checkpoint)")
+    ckpt_args = ModelArgs.from_hf_config(path)
+    tensors = scan(path)
+    if ckpt_args.dtype != "fp8":
+        scales = [n for n, i in tensors.items() if n.endswith(".weight_scale_inv") or i.dtype == torch.float8_e4m3fn]
+        if scales:
+            raise CheckpointError(f"{path}: {len(scales)} FP8 tensor(s) (e.g. {scales[0]}) but config.json has no "
+                                  "quantization_config (expected bf16/fp32 weights, or an FP8 config)")
     if "n_mtp_layers" not in overrides:
         # transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
         # tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error).
-        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, wm) if m}
+        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, tensors) if m}
         present = 0
-        while present < args.n_mtp_layers and args.n_layers + present in layers_present:
+        while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
             present += 1
-        if present < args.n_mtp_layers:
-            overrides["n_mtp_layers"] = present
-    if overrides:
-        args = args.replace(**overrides)
+        if present < ckpt_args.n_mtp_layers:
+            overrides = {**overrides, "n_mtp_layers": present}
+    mtp_override = "n_mtp_layers" in overrides
+    model_over = dict(overrides)
+    if dtype is not None and ckpt_args.dtype == "fp8":
+        model_over["dtype"] = "bf16"  # dequantise at load
+    ckpt_args = ckpt_args.replace(**{k: v for k, v in overrides.items() if k != "dtype"}) if overrides else ckpt_args
+    args = ckpt_args.replace(**model_over) if model_over else ckpt_args
+    plan = LoadPlan(path, ckpt_args, args, tensors, expected=_meta_state(args))
+    ckpt_expected = plan.expected if args is ckpt_args else _meta_state(ckpt_args)
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = model.state_dict()
-    mapping: dict[str, str] = {}
     unexpected: list[str] = []
-    mtp_copies: dict[str, str] = {}
-    scales: dict[str, str] = {}
-    for hf_name in wm:
-        r = hf_to_dsv3(hf_name, args)
+    for hf_name in tensors:
+        r = hf_to_dsv3(hf_name, ckpt_args)
         if r is None:
-            # a deeper MTP layer than this model uses is simply not loaded
             m = _LAYER_PREFIX.match(hf_name)
-            if m and int(m.group(1)) >= args.n_layers + args.n_mtp_layers and overrides.get("n_mtp_layers") is not None:
-                continue
+            if mtp_override and m and int(m.group(1)) >= ckpt_args.n_layers:
+                continue  # a deeper MTP layer than the model asked for is not loaded
             unexpected.append(hf_name)
             continue
         ours = r[0]
         if ours.startswith("mtp-copy:"):
-            mtp_copies[hf_name] = ours[len("mtp-copy:"):]
-        elif ours.endswith(".scale") and ours not in expected:
-            scales[ours] = hf_name  # FP8 scale of a weight we dequantise at load
+            plan.copies[hf_name] = ours[len("mtp-copy:"):]
+        elif ours.endswith(".scale") and ours not in plan.expected and ours in ckpt_expected:
+            plan.scales[ours[: -len(".scale")] + ".weight"] = hf_name
+        elif ours in plan.expected:
+            plan.mapping[ours] = hf_name
         else:
-            mapping[ours] = hf_name
-    missing = sorted(set(expected) - set(mapping))
+            unexpected.append(hf_name)
+    missing = sorted(set(plan.expected) - set(plan.mapping))
+    if ckpt_args.dtype == "fp8" and args.dtype != "fp8":
+        quantized = {n[: -len(".scale")] + ".weight" for n in ckpt_expected if n.endswith(".scale")}
+        missing += sorted(n[: -len(".weight")] + ".scale" for n in quantized if n not in plan.scales)
     if missing or unexpected:
-        raise CheckpointError(_missing_message(path, missing, unexpected))
+        raise CheckpointError(_missing_message(path, ckpt_args, missing, unexpected))
 
-    state: dict[str, torch.Tensor] = {}
-    tensors = dict(iter_tensors(path, {hf: wm[hf] for hf in list(mapping.values()) + list(scales.values())}))
-    for ours, hf_name in mapping.items():
-        t = tensors.pop(hf_name)
-        want = expected[ours]
-        if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(want.shape)} from config.json")
-        if t.dtype == torch.float8_e4m3fn and want.dtype != torch.float8_e4m3fn:
-            s_name = ours[: -len(".weight")] + ".scale"
-            if s_name not in scales:
-                raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-            from dsv3.fp8 import weight_dequant
+    bad: list[str] = []
+    for ours, hf_name in plan.mapping.items():
+        info, want = tensors[hf_name], ckpt_expected[ours]
+        if info.shape != tuple(want.shape):
+            bad.append(f"tensor {hf_name} in {info.file.name} has shape {list(info.shape)}, expected "
+                       f"{list(want.shape)} from config.json")
+        elif not _dtype_ok(info.dtype, want.dtype, ours):
+            bad.append(f"tensor {hf_name} in {info.file.name} is {_dt(info.dtype)}, expected "
+                       f"{_expected_dtype_text(want.dtype, ours)}")
+    for ours, hf_name in plan.scales.items():
+        info = tensors[hf_name]
+        want = ckpt_expected[ours[: -len(".weight")] + ".scale"]
+        winfo = tensors[plan.mapping[ours]]
+        if info.shape != tuple(want.shape) or info.dtype != torch.float32:
+            bad.append(f"tensor {hf_name} in {info.file.name} is {_dt(info.dtype)} {list(info.shape)}, expected "
+                       f"float32 {list(want.shape)} (one scale per {ckpt_args.block_size}² block)")
+        if winfo.dtype != torch.float8_e4m3fn:
+            bad.append(f"tensor {plan.mapping[ours]} is {_dt(winfo.dtype)}, expected float8_e4m3fn (it has a scale)")
+    for hf_name, main in plan.copies.items():
+        info, want = tensors[hf_name], plan.expected[main]
+        if info.shape != tuple(want.shape):
+            bad.append(f"tensor {hf_name} in {info.file.name} has shape {list(info.shape)}, expected "
+                       f"{list(want.shape)} (a copy of the main model's {main})")
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: " + "; ".join(bad[:3]) + more)
+    return plan
 
-            t = weight_dequant(t, tensors.pop(scales[s_name]), args.block_size, dtype or torch.bfloat16)
-        elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                and not ours.endswith((".scale", "gate.bias")):
-            t = t.to(dtype)
-        state[ours] = t.to(device)
-    model.load_state_dict(state, assign=True, strict=True)
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _dtype_ok(have: torch.dtype, want: torch.dtype, ours: str) -> bool:
+    if want == torch.float8_e4m3fn:
+        return have == torch.float8_e4m3fn
+    if ours.endswith(".scale") or ours.endswith("gate.bias"):
+        return have == torch.float32
+    return have.is_floating_point and have != torch.float8_e4m3fn
+
+
+def _expected_dtype_text(want: torch.dtype, ours: str) -> str:
+    if want == torch.float8_e4m3fn:
+        return "float8_e4m3fn (config.json has an FP8 quantization_config)"
+    if ours.endswith(".scale") or ours.endswith("gate.bias"):
+        return "float32"
+    return "a floating dtype (bfloat16/float16/float32; FP8 only with a weight_scale_inv)"
+
+
+def _missing_message(path: Path, args: ModelArgs, missing: list[str], unexpected: list[str]) -> str:
+    parts = [f"{path}: checkpoint does not match config.json"]
+    scales = [n for n in missing if n.endswith(".scale")]
+    others = [n for n in missing if not n.endswith(".scale")]
+    if scales and not others:
+        hf = [_dsv3_name_to_hf(n, args) for n in scales]
+        parts.append(f"{len(hf)} FP8 weight(s) without weight_scale_inv: {_group(hf)}")
+    elif missing:
+        hf = [_safe_hf(n, args) for n in missing]
+        parts.append(f"{len(hf)} missing tensor(s): {_group(hf)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s): {_group(unexpected)}")
+    return "; ".join(parts)
+
+
+def _safe_hf(name: str, args: ModelArgs) -> str:
+    try:
+        return _dsv3_name_to_hf(name, args)
+    except KeyError:
+        return name
+
+
+def _group(names: list[str], limit: int = 12) -> str:
+    """Collapse indices so long lists stay readable: model.layers.{3..60}.mlp.experts.{0..255}.up_proj.weight (×14848)."""
+    groups: dict[str, list[list[int]]] = {}
+    for n in names:
+        key = re.sub(r"(?<=\.)\d+(?=\.)", "#", n)
+        groups.setdefault(key, []).append([int(x) for x in re.findall(r"(?<=\.)\d+(?=\.)", n)])
+    shown = []
+    for key, idx in groups.items():
+        parts = key.split("#")
+        out = parts[0]
+        for j, rest in enumerate(parts[1:]):
+            vals = sorted({i[j] for i in idx})
+            if len(vals) == 1:
+                out += str(vals[0])
+            elif vals == list(range(vals[0], vals[-1] + 1)):
+                out += f"{{{vals[0]}..{vals[-1]}}}"
+            else:
+                out += "{" + ",".join(map(str, vals)) + "}" if len(vals) <= 6 else "*"
+            out += rest
+        shown.append(f"{out} (×{len(idx)})" if len(idx) > 1 else out)
+    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+# ---------------------------------------------------------------------- loading
+def iter_tensors(path: Path, names: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) shard by shard in file order, one tensor at a time (memory-mapped reads).
+
+    `names` (HF name -> shard file) restricts the set; default: the whole checkpoint.
+    """
+    infos = scan(path)
+    if names is not None:
+        infos = {n: infos[n] for n in names}
+    for file, group in _by_file(infos.values()):
+        reader = ShardReader(file)
+        try:
+            for info in group:
+                yield info.name, reader.read(info)
+        finally:
+            reader.close()
+
+
+def _by_file(infos) -> list[tuple[Path, list[TensorInfo]]]:
+    by: dict[Path, list[TensorInfo]] = {}
+    for i in infos:
+        by.setdefault(i.file, []).append(i)
+    return [(f, sorted(v, key=lambda i: i.start)) for f, v in sorted(by.items())]
+
+
+def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               check_weights: bool = False, progress: bool | None = None, **overrides):
+    """Load a Hugging Face DeepSeek-V3 directory into a `dsv3.Transformer`, one tensor at a time.
+
+    dtype None: every tensor keeps its stored dtype; FP8 Linear weights stay FP8 (+ scales) and
+    compute through Linear's FP8 path. dtype given: FP8 weights are dequantised into it at load
+    and the other floating tensors cast to it (the gate correction bias stays float32).
+    `check_weights` scans every tensor for NaN/Inf. `progress`: a tqdm bar (default: only on a
+    terminal). `overrides` set ModelArgs fields (attn_impl, max_seq_len, n_mtp_layers, ...).
+    All checks run before any tensor is read (`check_checkpoint`).
+    """
+    from dsv3.model import Transformer
+
+    plan = check_checkpoint(path, dtype, **overrides)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(plan.args)
+    readers: dict[Path, ShardReader] = {}
+
+    def reader(file: Path) -> ShardReader:
+        if file not in readers:
+            readers[file] = ShardReader(file)
+        return readers[file]
+
+    def read(hf_name: str, fn=None):
+        info = plan.tensors[hf_name]
+
+        def checked(view):
+            if check_weights:
+                _check_finite(view, info)
+            return fn(view) if fn else view.clone()
+
+        return reader(info.file).read(info, checked)
+
+    def target_dtype(ours: str, stored: torch.dtype) -> torch.dtype:
+        if dtype is None or not stored.is_floating_point or stored == torch.float8_e4m3fn \
+                or ours.endswith((".scale", "gate.bias")):
+            return stored
+        return dtype
+
+    bar = _progress(plan.nbytes, progress)
+    hf_to_ours = {h: o for o, h in plan.mapping.items()}
+    try:
+        for _file, group in _by_file(plan.tensors[h] for h in plan.mapping.values()):
+            for info in group:
+                ours = hf_to_ours[info.name]
+                if ours in plan.scales:
+                    from dsv3.fp8 import weight_dequant
+
+                    s = read(plan.scales[ours])
+                    # dequantised where it will live: on a GPU the float32 temporaries never touch host memory
+                    t = read(info.name, lambda v, s=s: weight_dequant(v.to(device), s.to(device),
+                                                                       plan.ckpt_args.block_size, dtype or torch.bfloat16))
+                else:
+                    want = target_dtype(ours, info.dtype)
+                    t = read(info.name, lambda v, want=want: v.to(device=device, dtype=want, copy=True))
+                _assign(model, ours, t)
+                del t
+                bar.update(info.nbytes)
+        for hf_name, main in plan.copies.items():
+            ref = model.get_parameter(main)
+            if not read(hf_name, lambda v, ref=ref: torch.equal(v.to(device=ref.device, dtype=ref.dtype), ref)):
+                raise CheckpointError(f"{plan.path}: MTP tensor {hf_name} differs from the main model's "
+                                      f"{_dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
+                                      "expected an exact copy)")
+    finally:
+        bar.close()
+        for r in readers.values():
+            r.close()
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{plan.path}: tensors not loaded: {_group(left)}")
     model.rotary._table = None
     if model.head.weight.device.type == "cpu":
         from dsv3.layers import column_major_
@@ -281,24 +632,41 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     return model.eval()
 
 
-def _missing_message(path: Path, missing: list[str], unexpected: list[str]) -> str:
-    parts = [f"{path}: checkpoint does not match config.json"]
-    if missing:
-        parts.append(f"{len(missing)} missing tensor(s): {_group(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensor(s): {_group(unexpected)}")
-    return "; ".join(parts)
+def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point()
+                                                   and t.dtype != torch.float8_e4m3fn)
+    else:
+        mod._buffers[attr] = t
 
 
-def _group(names: list[str], limit: int = 12) -> str:
-    """Collapse layer/expert indices so long lists stay readable: layers.{0..60}.attn.wq_a.weight."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        key = re.sub(r"\.(\d+)\.", ".*.", n)
-        groups.setdefault(key, []).append(n)
-    shown = [k if len(v) > 1 else v[0] for k, v in groups.items()]
-    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
+def _check_finite(t: torch.Tensor, info: TensorInfo) -> None:
+    flat = t.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        chunk = flat[i: i + step]
+        if chunk.dtype == torch.float8_e4m3fn:
+            bad = (chunk.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn has NaN only, no Inf
+        elif chunk.is_floating_point():
+            bad = ~torch.isfinite(chunk)
+        else:
+            return
+        if bad.any():
+            j = i + int(bad.nonzero()[0, 0])
+            raise CheckpointError(f"{info.file}: tensor {info.name} holds NaN/Inf ({int(bad.sum())}+ value(s), "
+                                  f"first at flat index {j}); expected finite weights")
+
+
+def _progress(total: int, enabled: bool | None):
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not enabled,
+                leave=False)
 
 
 def save_model(model, path) -> None:

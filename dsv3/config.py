@@ -312,6 +312,22 @@ _HF_RENAMES = {
 }
 
 
+# transformers 5.24 DeepseekV3Config defaults (= the released V3 config) for fields a config.json may omit
+_HF_V3_DEFAULTS: dict[str, Any] = {
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "num_nextn_predict_layers": 1,
+}
+# transformers' attribute names for two fields (attribute_map), as its to_dict() may write them
+_HF_ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+
+def _yarn_m(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     mt = cfg.get("model_type")
     if mt not in (None, "deepseek_v3", "deepseek_v2"):
@@ -320,6 +336,9 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {missing}")
+    if mt == "deepseek_v3":
+        # a field config.json leaves out means what transformers' DeepseekV3Config defaults it to (V3's shape)
+        cfg = {**_HF_V3_DEFAULTS, **{_HF_ALIASES[k]: v for k, v in cfg.items() if k in _HF_ALIASES}, **cfg}
     out: dict[str, Any] = {}
     for hf, ours in _HF_RENAMES.items():
         if cfg.get(hf) is not None:
@@ -338,6 +357,9 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: num_key_value_heads must equal num_attention_heads for MLA")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} unsupported (DeepSeek-V3 uses 'silu')")
+    if cfg.get("rope_interleave") is False:
+        raise ConfigError(f"{source}: rope_interleave=false (rotate-half rope layout) is not the DeepSeek-V3 "
+                          "checkpoint layout; expected true or absent")
     if cfg.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias=true is not part of DeepSeek-V3")
     if cfg.get("tie_word_embeddings"):
@@ -360,15 +382,24 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if rs and "rope_theta" in rs and "rope_theta" not in cfg:
         out["rope_theta"] = rs["rope_theta"]
     if rtype == "yarn":
-        out["rope_factor"] = rs["factor"]
+        factor = rs.get("factor")
+        if not factor:
+            raise ConfigError(f"{source}: rope_scaling.factor is missing (YaRN needs its context-extension factor)")
+        out["rope_factor"] = factor
         out["original_seq_len"] = rs.get("original_max_position_embeddings", 4096)
         out["beta_fast"] = rs.get("beta_fast", 32)
         out["beta_slow"] = rs.get("beta_slow", 1)
-        m_all = rs.get("mscale_all_dim", 0) or 0
-        m = rs.get("mscale", 1) or 1
-        if m_all and m != m_all:
-            raise ConfigError(f"{source}: rope_scaling.mscale ({m}) != mscale_all_dim ({m_all}) rescales cos/sin, "
-                              "which DeepSeek checkpoints do not use; unsupported")
+        m_all = rs.get("mscale_all_dim") or 0
+        m = rs.get("mscale") or 0
+        # transformers multiplies cos/sin by an attention factor derived from these; DeepSeek checkpoints
+        # set mscale == mscale_all_dim, which makes it 1 -- the only form dsv3 (and the official code) runs.
+        attn_factor = rs.get("attention_factor")
+        if attn_factor is None:
+            attn_factor = _yarn_m(factor, m) / _yarn_m(factor, m_all) if m and m_all else _yarn_m(factor, 1)
+        if abs(attn_factor - 1) > 1e-9:
+            raise ConfigError(f"{source}: rope_scaling with mscale={m or None}, mscale_all_dim={m_all or None} "
+                              f"scales cos/sin by {attn_factor:.6g} (transformers' YaRN attention_factor); "
+                              "unsupported: DeepSeek checkpoints set mscale == mscale_all_dim")
         out["mscale"] = m_all
     elif rtype == "default":
         out["rope_factor"] = 1.0

@@ -114,7 +114,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ge
     if gemm_impl == "bf16":
         return torch.nn.functional.linear(x, weight_dequant(weight, scale, block_size, x.dtype))
     if gemm_impl != "fp8":
-        raise ValueError(f"gemm_impl must be 'bf16' or 'fp8', got {gemm_impl!r}")
+        raise UsageError(f"fp8_linear: gemm_impl must be 'bf16' or 'fp8', got {gemm_impl!r}")
     if x.is_cuda:
         from dsv3.kernels import fp8_gemm as kgemm
         from dsv3.kernels import fp8_quant as kquant

@@ -112,56 +112,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
 
 # ---------------------------------------------------------------------- command line
+# The `dsv3 generate` command lives in dsv3.frontend (shared with `dsv3 chat`); these two
+# names stay here because dsv3.cli registers the command through them.
 def add_generate_args(p) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="Hugging Face DeepSeek-V3 directory (config.json + safetensors)")
-    src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
-    p.add_argument("--prompt-ids", action="append", default=[],
-                   help="a prompt as comma-separated token ids, e.g. 5,17,300 (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--json", action="store_true", help='print {"tokens": [[...]]} on one line')
-    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module as drafter")
+    from dsv3.frontend import add_generate_args as add
 
-
-def _parse_ids(s: str) -> list[int]:
-    try:
-        return [int(t) for t in s.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UsageError(f"--prompt-ids {s!r}: expected comma-separated integers like 5,17,300") from None
+    add(p)
 
 
 def main_generate(ns) -> int:
-    import json
+    from dsv3.frontend import main_generate as main
 
-    from dsv3.config import ModelArgs
-    from dsv3.model import Transformer
-
-    dtype = getattr(torch, ns.dtype) if ns.dtype else None
-    overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
-    if ns.ckpt:
-        from dsv3.checkpoint import load_model
-
-        model = load_model(ns.ckpt, dtype=dtype, **overrides)
-    elif ns.preset:
-        torch.manual_seed(0 if ns.seed is None else ns.seed)
-        model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
-    else:
-        raise UsageError("give --ckpt DIR (a Hugging Face DeepSeek-V3 checkpoint) or --preset NAME")
-    prompts = [_parse_ids(s) for s in ns.prompt_ids]
-    if not prompts:
-        raise UsageError("no prompt: give --prompt-ids 5,17,300")
-    out = generate(model, prompts, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                   top_k=ns.top_k, seed=ns.seed, speculative="mtp" if getattr(ns, "mtp", False) else None)
-    if ns.json:
-        print(json.dumps({"tokens": out}))
-    else:
-        for p, o in zip(prompts, out):
-            print(f"{p} -> {o}")
-    return 0
-
+    return main(ns)

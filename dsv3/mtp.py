@@ -8,7 +8,7 @@ embedding of token i + k:
     logits = head(shared_head.norm(h'))                          # predicts token i + k + 1
 
 The embedding and head are the main model's (shared); the release also stores
-copies under the MTP layer, which the loader checks equal to the main ones.
+copies under the MTP layer, which the loader does not load twice: it checks them equal to the main ones.
 Its names in the checkpoint are `model.layers.{n_layers + k - 1}.*`.
 """
 

@@ -12,6 +12,8 @@ the test session asks for it here, first, unless the caller chose otherwise.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,7 @@ import pytest  # noqa: E402
 
 from dsv3.config import ModelArgs  # noqa: E402
 from dsv3.model import Transformer  # noqa: E402
+from dsv3.testing import tiny_hf_args, write_checkpoint  # noqa: E402
 
 
 @torch.no_grad()
@@ -54,4 +57,33 @@ def make_model():
             args = args.replace(**overrides)
         return randomize_(Transformer(args, dtype=dtype), seed).eval()
 
+    return make
+
+
+# ---------------------------------------------------------------------- synthetic HF checkpoints (dsv3.testing)
+@pytest.fixture(scope="session")
+def fp8_ckpt(tmp_path_factory) -> Path:
+    """FP8 release format (bf16 non-quantized tensors), 3 shards, MTP layer, tokenizer files."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fp8", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def fp8_ckpt_f32(tmp_path_factory) -> Path:
+    """FP8 weights with float32 non-quantized tensors: dequantising is then the only difference."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fp8f32", float_dtype=torch.float32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def bf16_ckpt(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "bf16", tiny_hf_args(dtype="bf16"), tokenizer=True,
+                            seed=2)
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path):
+    """copy_ckpt(src) -> a private copy to corrupt."""
+    def make(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
     return make

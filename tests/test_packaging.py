@@ -4,7 +4,8 @@ root and from elsewhere; and the model imports and runs without triton.
 
 The installs go into child venvs of the running interpreter (its site-packages made visible by a
 .pth file, so torch/transformers are not reinstalled) from a copy of the repo (symlinks kept),
-with `pip install --no-deps --no-build-isolation` (offline, seconds).
+with `pip install --no-deps --no-build-isolation` (offline, seconds; with pip's isolated build as
+a fallback where the running environment's setuptools is too old to build the project).
 """
 
 from __future__ import annotations
@@ -67,9 +68,14 @@ def installs(tmp_path_factory):
         shutil.copytree(ROOT, src, symlinks=True, ignore=_ignore)
         (src / "kernels" / f"{PROBE}.py").write_text("VALUE = 42\n")
         py = _child_venv(base / f"venv-{kind}")
-        cmd = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-        cmd += ["-e", str(src)] if kind == "editable" else [str(src)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=base)
+        target = ["-e", str(src)] if kind == "editable" else [str(src)]
+        fast = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *target]
+        r = subprocess.run(fast, capture_output=True, text=True, timeout=300, cwd=base)
+        if r.returncode != 0:
+            # the running environment's setuptools cannot build it (e.g. an old one without `wheel`):
+            # let pip fetch the build backend pyproject.toml asks for, as the README's install does
+            r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *target], capture_output=True,
+                               text=True, timeout=600, cwd=base)
         assert r.returncode == 0, r.stdout + r.stderr
         out[kind] = (py, src)
     (base / "elsewhere").mkdir()

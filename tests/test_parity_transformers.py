@@ -30,8 +30,9 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 RTOL = 1e-4
 
 # Tiny configs covering: q-LoRA on/off, groups on/off, non-power-of-two heads and dims,
-# YaRN (mscale 1 and 0.707) with prompts longer than original_max_position_embeddings,
-# plain RoPE, 0 / 1 / 2 leading dense layers, 1 or 2 shared experts.
+# YaRN (mscale 1, 0.707, and an explicit attention_factor 1 with mscale_all_dim 0.8) with prompts
+# longer than original_max_position_embeddings, plain RoPE, 0 / 1 / 2 leading dense layers, 1 or 2
+# shared experts.
 CONFIGS = {
     "qlora-groups-yarn": dict(
         vocab_size=131, hidden_size=40, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=3,
@@ -62,6 +63,14 @@ CONFIGS = {
         first_k_dense_replace=1, max_position_embeddings=96,
         rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=12, beta_fast=32, beta_slow=1,
                           mscale=1.0, mscale_all_dim=1.0),
+    ),
+    "qlora-groups-yarn-attention-factor": dict(
+        vocab_size=90, hidden_size=32, intermediate_size=36, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=3, n_shared_experts=1, n_routed_experts=6, num_experts_per_tok=2, n_group=3,
+        topk_group=2, kv_lora_rank=10, q_lora_rank=12, qk_rope_head_dim=6, v_head_dim=8, qk_nope_head_dim=9,
+        first_k_dense_replace=1, max_position_embeddings=60,
+        rope_scaling=dict(type="yarn", factor=6.0, original_max_position_embeddings=10, attention_factor=1.0,
+                          mscale_all_dim=0.8),
     ),
 }
 PROMPT_LEN = 26  # longer than every original_max_position_embeddings above
@@ -189,6 +198,7 @@ def test_hf_config_round_trip(hf_pair):
         rs = kw["rope_scaling"]
         assert (args.rope_factor, args.original_seq_len, args.mscale) == (
             rs["factor"], rs["original_max_position_embeddings"], rs["mscale_all_dim"])
+        assert args.softmax_scale == pytest.approx(hf.model.layers[0].self_attn.scaling, rel=1e-12)
     else:
         assert not args.yarn
     hf_cfg = args.to_hf_config()

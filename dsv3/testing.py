@@ -1,0 +1,157 @@
+"""Synthetic checkpoints in the exact Hugging Face DeepSeek-V3 layout, for tests and notebooks.
+
+`write_checkpoint` writes random weights the way the release stores them: FP8 e4m3 block
+weights with float32 `weight_scale_inv` (partial edge blocks when a dimension is not a
+multiple of 128), bf16 non-quantized tensors, a float32 gate correction bias, the MTP
+layer at `model.layers.{n_layers + k}` with its copies of embedding and head, several
+shards and a `model.safetensors.index.json`. Tensors are generated and written one shard
+at a time, so large test checkpoints do not need a whole model in memory.
+`write_tokenizer` adds a small byte-level BPE trained on the spot plus DeepSeek-V3's
+chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dsv3.checkpoint import _dsv3_name_to_hf, _meta_state, is_quantized_in_release
+from dsv3.config import ModelArgs
+
+# Special tokens of the DeepSeek-V3 tokenizer that the chat template uses ("▁" is U+2581).
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+SPECIAL_TOKENS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<｜▁pad▁｜>"]
+
+_CORPUS = """DeepSeek-V3 is a mixture-of-experts language model with 671 billion parameters, of which 37 billion
+are activated for each token. It uses multi-head latent attention and an auxiliary-loss-free strategy for load
+balancing, and it is trained with a multi-token prediction objective. The weights are released in FP8 with one
+scale per block of 128 by 128 values. Hello, how are you? I am fine, thank you. What is the capital of France?
+The capital of France is Paris. Tell me a story about a small robot who learns to read. Once upon a time there
+was a robot. 1 2 3 4 5 6 7 8 9 10. def add(a, b): return a + b. Ünïcödé tëxt, 中文, emoji 🙂 too."""
+
+
+def tiny_hf_args(**overrides) -> ModelArgs:
+    """A small DeepSeek-V3-shaped config whose FP8 blocks include partial ones (dims 200, 136, 160, ...)."""
+    a = ModelArgs(
+        max_seq_len=128, vocab_size=320, dim=200, inter_dim=264, moe_inter_dim=72, n_layers=2, n_dense_layers=1,
+        n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
+        n_limited_groups=1, score_func="sigmoid", route_scale=2.5, q_lora_rank=136, kv_lora_rank=144,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, original_seq_len=64, rope_factor=4.0,
+        n_mtp_layers=1, dtype="fp8",
+    )
+    return a.replace(**overrides) if overrides else a
+
+
+def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = None, n_shards: int = 3,
+                     seed: int = 0, float_dtype: torch.dtype = torch.bfloat16, std: float = 0.05,
+                     tokenizer: bool = False, mtp_copies: bool = True) -> Path:
+    """Write a random checkpoint for `args` (default `tiny_hf_args()`) to `path`; return the path.
+
+    fp8 (default: args.dtype == "fp8") quantises exactly the tensors the release quantises.
+    """
+    args = args or tiny_hf_args()
+    fp8 = args.dtype == "fp8" if fp8 is None else fp8
+    args = args.replace(dtype="fp8" if fp8 else "bf16")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    names = list(_meta_state(args.replace(dtype="bf16")).items())
+    chunks = [names[i * len(names) // n_shards:(i + 1) * len(names) // n_shards] for i in range(n_shards)]
+    shared: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, chunk in enumerate(chunks):
+        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for ours, meta in chunk:
+            hf = _dsv3_name_to_hf(ours, args)
+            t = _random(ours, tuple(meta.shape), gen, std)
+            if ours in ("embed.weight", "head.weight"):
+                shared[ours] = t
+            if fp8 and is_quantized_in_release(hf):
+                from dsv3.fp8 import weight_quant
+
+                q, s = weight_quant(t, args.block_size)
+                tensors[hf], tensors[hf + "_scale_inv"] = q, s
+            else:
+                tensors[hf] = t if ours.endswith("gate.bias") else t.to(float_dtype)
+        if i == n_shards - 1 and mtp_copies:
+            for k in range(args.n_mtp_layers):
+                layer = args.n_layers + k
+                tensors[f"model.layers.{layer}.embed_tokens.weight"] = shared["embed.weight"].to(float_dtype).clone()
+                tensors[f"model.layers.{layer}.shared_head.head.weight"] = shared["head.weight"].to(float_dtype).clone()
+        _save(tensors, path / fname)
+        for n, t in tensors.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg = args.to_hf_config()
+    cfg["torch_dtype"] = str(float_dtype).replace("torch.", "")
+    if tokenizer:
+        cfg.update(bos_token_id=0, eos_token_id=1)
+        write_tokenizer(path, args.vocab_size)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _random(ours: str, shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.Tensor:
+    if ours.endswith("norm.weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=gen)
+    if ours.endswith("gate.bias"):
+        return 0.1 * torch.randn(shape, generator=gen)
+    return std * torch.randn(shape, generator=gen)
+
+
+def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+def write_tokenizer(path, vocab_size: int = 320, corpus: str = _CORPUS) -> Path:
+    """A byte-level BPE (DeepSeek's special tokens first: bos 0, eos 1) trained on `corpus`, with
+    tokenizer_config.json carrying DeepSeek-V3's chat template and generation_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsv3.tokenizer import DEEPSEEK_V3_CHAT_TEMPLATE
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus.split("\n") * 4, trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+    def added(s: str) -> dict:
+        return {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "bos_token": added(BOS), "eos_token": added(EOS),
+        "pad_token": None, "unk_token": None, "chat_template": DEEPSEEK_V3_CHAT_TEMPLATE,
+        "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+    }, indent=2, ensure_ascii=False))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for a subprocess that runs this checkout's dsv3 (PYTHONPATH = repository root)."""
+    import os
+
+    return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+
+
+def run_cli(*args, input: str | None = None, module: str = "dsv3.cli", timeout: float = 180):
+    """`python -m dsv3.cli ARGS...` in a subprocess: the CompletedProcess (text mode)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, input=input,
+                          env=cli_env(), cwd=str(Path(__file__).resolve().parents[1]), timeout=timeout)

@@ -133,3 +133,13 @@ def test_bench_mtp_json():
     res = json.loads(out.stdout)
     assert {"acceptance_rate", "tokens_per_s_plain", "tokens_per_s_mtp", "speedup", "identical_greedy"} <= set(res)
     assert res["identical_greedy"] is True and 0 <= res["acceptance_rate"] <= 1
+
+
+def test_generate_command_uses_the_bundled_model_by_default():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dsv3.cli", "generate", "To be, or not to be", "--max-new-tokens", "12", "--json"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    spec = subprocess.run(cmd + ["--mtp"], capture_output=True, text=True, env=env, check=True)
+    out = json.loads(plain.stdout)
+    assert len(out["tokens"][0]) == 12 and out["text"][0].strip()
+    assert json.loads(spec.stdout) == out

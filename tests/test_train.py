@@ -180,3 +180,31 @@ def test_resume_with_other_steps_is_refused(corpus, tmp_path):
     tr.train(base_args(corpus, tmp_path / "r", "--stop-after", "1"))
     with pytest.raises(UsageError, match="--steps"):
         tr.train(base_args(corpus, tmp_path / "r", "--steps", "9"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(out), "--data", str(corpus), "--vocab-size", "300",
+           "--config", "tiny", "--steps", "100000", "--batch-size", "2", "--seq-len", "24", "--save-every", "100000",
+           "--eval-every", "100000", "--eval-windows", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "tokenizer_config.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # a few steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert 1 <= state["step"] < 100000
+    assert len(json.loads((out / "train_log.json").read_text())) == state["step"]
+    resumed = tr.train(base_args(corpus, out, "--steps", "100000", "--stop-after", "1", "--eval-every", "100000",
+                                 "--save-every", "100000"))
+    assert resumed["step"] == state["step"] + 1

@@ -50,6 +50,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd static step (same tokens)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="decode by replaying the static step as a CUDA graph (CUDA only; with --compile: the compiled step)")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module as drafter")
 
 
 def check_sampling_args(ns) -> None:
@@ -213,7 +214,8 @@ def main_generate(ns) -> int:
     stream = len(ids) == 1 and not ns.json and not ns.output
     printer = _Printer(tok) if stream else None
     out = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                   eos_id=eos, seed=seed, on_token=printer, decode=decode_mode(ns))
+                   eos_id=eos, seed=seed, on_token=printer, decode=decode_mode(ns),
+                   speculative="mtp" if ns.mtp else None)
     texts = [tok.decode(o) if tok is not None else None for o in out]
     if ns.output and parallel.rank_of(group) == 0:
         with open(ns.output, "w", encoding="utf-8") as f:

@@ -45,13 +45,24 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None, decode: str = "readable") -> list[list[int]]:
+             on_token=None, decode: str = "readable", speculative: str | None = None) -> list[list[int]]:
     """New tokens for each prompt (stopping at eos_id, which is included, or max_new_tokens).
 
     `on_token(step, tokens)` is called with the (b,) tokens of each step (for streaming).
     `decode`: "readable" runs every step through `model(...)`; "static", "compile", "cuda-graph"
     or "compile+cuda-graph" run decode steps through `dsv3.decode_step.DecodeRunner` (same tokens).
+    `speculative="mtp"` drafts with the model's MTP module (`dsv3.speculative`): same output
+    for greedy decoding, same distribution when sampling.
     """
+    if speculative is not None:
+        if speculative != "mtp":
+            raise UsageError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if decode != "readable":
+            raise UsageError(f"speculative decoding runs on the readable path; it cannot be combined with decode={decode!r}")
+        from dsv3.speculative import generate_mtp
+
+        return generate_mtp(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            eos_id=eos_id, seed=seed, on_token=on_token)
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -31,7 +31,6 @@ BAD = [
     (["generate", "--preset", "tiny", "--prompt-ids", "1,2", "--max-new-tokens", "-1"], "max_new_tokens"),
     (["generate", "--preset", "tiny", "--prompt-ids", "1,2", "--max-new-tokens", "1000"], "max_seq_len"),
     (["generate", "--preset", "tiny"], "no prompt"),
-    (["generate", "--prompt-ids", "1,2"], "--ckpt"),
     (["generate", "--ckpt", "/no/such/dir", "--prompt-ids", "1,2"], "/no/such/dir"),
 ]
 

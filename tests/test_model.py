@@ -152,3 +152,13 @@ def test_671B_on_meta_device_has_no_storage():
     assert total > 680_000_000_000  # main model + MTP module: the real size, yet nothing allocated
     assert len(model.layers) == 61 and len(model.mtp) == 1
     assert model.rotary._table is None  # the rotary table is built on first use, not at construction
+
+
+def test_last_only_is_the_last_row_of_the_full_logits(make_model):
+    model = make_model("tiny")
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        last = model(tokens, last_only=True)
+    assert last.shape == (2, 1, model.args.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)

@@ -7,6 +7,8 @@ without the embedding table (a lookup reads one row) -- at this machine's measur
 single-stream read bandwidth (an fp32 matrix-vector product over 256 MB).
 For batch B, the routed experts touched per step are the expected number of
 distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
+Both implementations compute what generation needs: the last position's logits
+(dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does).
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, mode: st
         cache = model.new_cache(batch, max_len)
 
         def step(x, pos):
-            return model(x, pos, cache)
+            return model(x, pos, cache, last_only=True)
     else:
         runner = DecodeRunner(model, batch, max_len, mode)
         cache, step = runner.cache, runner
@@ -215,12 +217,12 @@ def _transformers_runner(ckpt: str, dtype, device):
     state = {}
 
     def prefill(x):
-        out = model(input_ids=x, use_cache=True)
+        out = model(input_ids=x, use_cache=True, logits_to_keep=1)  # what its generate() asks for
         state["pkv"] = out.past_key_values
         return out.logits
 
     def step(x, pos):
-        out = model(input_ids=x, past_key_values=state["pkv"], use_cache=True)
+        out = model(input_ids=x, past_key_values=state["pkv"], use_cache=True, logits_to_keep=1)
         state["pkv"] = out.past_key_values
         return out.logits
 

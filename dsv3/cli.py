@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 
 from dsv3.errors import Dsv3Error
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except Dsv3Error as e:
         print(f"dsv3 {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `dsv3 generate ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"dsv3 {ns.command}: interrupted", file=sys.stderr)
         return 130

@@ -16,17 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_worker import PROMPTS  # tests/ is on sys.path under pytest (rootdir conftest)
 from safetensors import safe_open
+from tiny_ckpt import tiny_args, write_tiny_checkpoint
 
 from dsv3 import load_model
 from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3, weight_map
 from dsv3.errors import ConfigError
 from dsv3.generation import generate
 from dsv3.parallel import check_world_size, local_experts, shard_model, valid_world_sizes
-
-sys.path.insert(0, str(Path(__file__).parent))  # noqa: E402 - the tests' own helpers
-from parallel_worker import PROMPTS  # noqa: E402
-from tiny_ckpt import tiny_args, write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

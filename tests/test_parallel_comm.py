@@ -3,19 +3,14 @@ actually issues (counted in-process on torch's fake process group: shapes are re
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_ckpt import tiny_args  # tests/ is on sys.path under pytest (rootdir conftest)
 
 from dsv3.model import Transformer
 from dsv3.parallel import parallelize
 from dsv3.plan import comm_bytes_per_token
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_ckpt import tiny_args  # noqa: E402
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 Lines come from stdin (a prompt `> ` is shown only on a terminal), replies stream to stdout
 as they are generated, one reply per turn followed by a newline; notices go to stderr.
+Under torchrun, rank 0 owns the terminal: it reads each line and broadcasts it, every rank
+generates (each holds its shard), and only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ def add_args(p) -> None:
 
 
 def run(ns) -> int:
+    from dsv3.parallel import run_distributed
+
+    return run_distributed(_chat, ns)
+
+
+def _chat(ns) -> int:
+    from dsv3 import parallel
     from dsv3.errors import UsageError
     from dsv3.frontend import _Printer, check_sampling_args, load
     from dsv3.generation import generate
@@ -29,16 +38,24 @@ def run(ns) -> int:
     if tok is None:
         raise UsageError(f"{ns.ckpt or 'the bundled model'} has no tokenizer.json: chat needs one")
     tok.apply_chat_template([{"role": "user", "content": "x"}])  # fails now if there is no usable template
-    interactive = sys.stdin.isatty()
+    group = parallel.current_group()
+    lead = parallel.rank_of(group) == 0  # owns stdin, stdout and stderr
+    seed = ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group)
+
+    def note(msg: str) -> None:
+        if lead:
+            print(msg, file=sys.stderr)
+
+    interactive = lead and sys.stdin.isatty()
     start = [{"role": "system", "content": ns.system}] if ns.system else []
     messages = list(start)
     if interactive:
-        print("dsv3 chat: /clear starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+        note("dsv3 chat: /clear starts over, /exit (or Ctrl-D) quits")
     while True:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        line = parallel.broadcast_object(sys.stdin.readline() if lead else None, group)
         if not line:
             break
         text = line.rstrip("\n")
@@ -48,19 +65,18 @@ def run(ns) -> int:
             break
         if text.strip() == "/clear":
             messages = list(start)
-            print("[conversation cleared]", file=sys.stderr)
+            note("[conversation cleared]")
             continue
         messages.append({"role": "user", "content": text})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         room = model.args.max_seq_len - len(ids)
         if room <= 0:
             messages.pop()
-            print(f"[conversation is {len(ids)} tokens, max_seq_len is {model.args.max_seq_len}: /clear to "
-                  "start over]", file=sys.stderr)
+            note(f"[conversation is {len(ids)} tokens, max_seq_len is {model.args.max_seq_len}: /clear to start over]")
             continue
         printer = _Printer(tok)
         new = generate(model, [ids], min(ns.max_new_tokens, room), temperature=ns.temperature, top_p=ns.top_p,
-                       top_k=ns.top_k, eos_id=eos, seed=ns.seed, on_token=printer)[0]
+                       top_k=ns.top_k, eos_id=eos, seed=seed, on_token=printer)[0]
         printer.finish()
         messages.append({"role": "assistant", "content": tok.decode(new)})
     return 0

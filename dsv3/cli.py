@@ -82,6 +82,17 @@ COMMAND_MODULES = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    rc = _run(ns)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun rank whose work is done (process group already torn down): skip the interpreter's
+        # teardown, where gloo's threads can still abort the process ("terminate called ...") at random
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(ns) -> int:
     try:
         return ns.func(ns)
     except Dsv3Error as e:

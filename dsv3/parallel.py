@@ -446,4 +446,8 @@ def broadcast_object(obj, group, src: int = 0):
 
 def shutdown(group) -> None:
     if group is not None and torch.distributed.is_initialized():
+        # leave together: a rank that tears down its store/threads while another still talks to them
+        # can abort the other at exit
+        with contextlib.suppress(Exception):
+            torch.distributed.barrier(group)
         torch.distributed.destroy_process_group()

@@ -256,3 +256,22 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
             load_model_parallel(bad, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def test_chat_under_torchrun_equals_single_process(tmp_path):
+    """`dsv3 chat` on 2 ranks: rank 0 reads stdin and broadcasts each line; the replies are the single-process ones."""
+    from dsv3.testing import write_tokenizer
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    write_tokenizer(ckpt, vocab_size=256)
+    script = "to be or not\n/clear\nthe king\n/exit\n"
+    args = ["-m", "dsv3.cli", "chat", "--ckpt", str(ckpt), "--max-new-tokens", "5"]
+    single = subprocess.run([sys.executable, *args], input=script, env=_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", *args]
+    multi = subprocess.run(cmd, input=script, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    assert single.stdout.count("\n") == 2  # two replies
+    assert multi.stdout == single.stdout
+    assert multi.stderr.count("[conversation cleared]") == 1  # notices from rank 0 only

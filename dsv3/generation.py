@@ -42,6 +42,27 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                  top_k: int) -> int:
+    """Validate a generation request before any work; return the positions it needs (longest prompt + new)."""
+    check_sampling(temperature, top_p, top_k)
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    vocab = model.args.vocab_size
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"prompt {i}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise UsageError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                         f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    return total
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
@@ -63,21 +84,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
         return generate_mtp(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             eos_id=eos_id, seed=seed, on_token=on_token)
-    check_sampling(temperature, top_p, top_k)
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UsageError("every prompt needs at least one token")
-    vocab = model.args.vocab_size
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise UsageError(f"prompt {i}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k)
     lens = [len(p) for p in prompts]
-    total = max(lens) + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
     if decode != "readable" and decode not in DecodeRunner.MODES:
         raise UsageError(f"decode={decode!r}: expected 'readable' or one of {', '.join(DecodeRunner.MODES)}")
     if max_new_tokens == 0:

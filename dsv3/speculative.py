@@ -89,25 +89,12 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     `stats`, if given, receives drafted / accepted counts (generated positions only), main-model
     forwards, and per-step acceptance as `trace` (a list of (position, drafted, accepted) for row 0).
     """
-    from dsv3.generation import check_sampling
+    from dsv3.generation import check_request
 
-    check_sampling(temperature, top_p, top_k)
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UsageError("every prompt needs at least one token")
-    vocab = model.args.vocab_size
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise UsageError(f"prompt {i}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k)
     lens = [len(p) for p in prompts]
-    total = max(lens) + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise UsageError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
     if stats is not None:
         stats.update(drafted=0, accepted=0, forwards=0, trace=[])
     if max_new_tokens == 0:

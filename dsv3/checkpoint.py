@@ -95,6 +95,12 @@ _TOP = {hf: (ours, dim) for hf, ours, dim in _TOP_TABLE}
 _LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
 
+def block_shard_dims() -> dict[str, int]:
+    """Tensor-parallel shard dim of each Linear inside a block, by its dsv3 path (`attn.wq_b`, `ffn.w2`, ...),
+    from the name table; routed experts are not in it (expert parallelism keeps them whole)."""
+    return {ours: dim for _, ours, dim in _LAYER_TABLE if dim is not None and "{e}" not in ours}
+
+
 def hf_to_dsv3(name: str, args: ModelArgs) -> tuple[str, int | None] | None:
     """HF tensor name -> (dsv3 parameter name, shard dim), or None for a name dsv3 does not know.
 

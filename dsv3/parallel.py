@@ -98,9 +98,6 @@ def check_world_size(args: ModelArgs, world: int, fp8_blocks: bool | None = None
 
 
 # ---------------------------------------------------------------------- sharding
-# (module attribute, shard dim) for the tensor-parallel Linears of each kind of module
-_MLA_SHARDS = {"wq": 0, "wq_b": 0, "wkv_b": 0, "wo": 1}
-_MLP_SHARDS = {"w1": 0, "w3": 0, "w2": 1}
 
 
 def local_experts(n_experts: int, rank: int, world: int) -> range:
@@ -130,22 +127,28 @@ def _shard_linear(lin: nn.Module, dim: int, rank: int, world: int) -> None:
 
 
 def _shard_block(block: nn.Module, rank: int, world: int) -> None:
+    from dsv3.checkpoint import block_shard_dims
     from dsv3.moe import MoE
 
-    for name, dim in _MLA_SHARDS.items():
-        if hasattr(block.attn, name):
-            _shard_linear(getattr(block.attn, name), dim, rank, world)
+    for path, dim in block_shard_dims().items():  # the checkpoint's name table says which Linears split how
+        lin = _submodule(block, path)
+        if lin is not None:  # e.g. no wq with q-LoRA, no ffn.w1 in an MoE block
+            _shard_linear(lin, dim, rank, world)
     block.attn._absorb_cache = None
     ffn = block.ffn
-    mlps = [ffn] if not isinstance(ffn, MoE) else [m for m in [ffn.shared_experts] if m is not None]
-    for mlp in mlps:
-        for name, dim in _MLP_SHARDS.items():
-            _shard_linear(getattr(mlp, name), dim, rank, world)
     if isinstance(ffn, MoE):
         mine = local_experts(len(ffn.experts), rank, world)
         for i in range(len(ffn.experts)):
             if i not in mine:
                 ffn.experts[i] = None
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        root = getattr(root, name, None)
+        if root is None:
+            return None
+    return root
 
 
 class VocabParallelEmbedding(nn.Module):

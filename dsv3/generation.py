@@ -24,11 +24,11 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise UsageError(f"top_k must be >= 0, got {top_k}")
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of logits (b, v): argmax when temperature == 0."""
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """The distribution a step draws from, (b, v) float32: temperature, then top-k, then top-p (the smallest
+    prefix of the sorted probabilities with mass >= top_p), renormalised; one-hot on the argmax when greedy."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][..., -1, None]
@@ -36,10 +36,19 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     probs = logits.softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of logits (b, v): argmax when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
 
 
 def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,

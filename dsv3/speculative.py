@@ -32,24 +32,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.errors import UsageError
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """The distribution `dsv3.generation.sample` draws from (b, v), float32; one-hot argmax when greedy."""
-    if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+from dsv3.generation import sampling_probs
 
 
 def _draw(probs: torch.Tensor, greedy: bool, gen: torch.Generator | None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_  # tests/ is on sys.path under pytest
 
 from dsv3 import ModelArgs, Transformer
 from dsv3.train import save_checkpoint
@@ -33,21 +34,6 @@ CONFIGS = {
     "no-qlora-plain-rope-2mtp": dict(q_lora_rank=0, rope_factor=1.0, n_mtp_layers=2, n_expert_groups=1,
                                      n_limited_groups=1, n_dense_layers=0),
 }
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial random weights: matrices N(0, 1/fan_in), norm gains 1 ± 0.2, gate biases N(0, 0.5²)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        elif name.endswith("gate.bias"):
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-        elif name.startswith("embed"):
-            p.copy_(torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

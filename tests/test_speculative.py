@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsv3 import ModelArgs, Transformer, UsageError, generate
-from dsv3.speculative import generate_mtp, sampling_probs, verify
+from dsv3.generation import sampling_probs
+from dsv3.speculative import generate_mtp, verify
 
 
 def model_with(vocab: int, seed: int, std: float = 0.3) -> Transformer:

@@ -72,6 +72,15 @@ def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperat
     return total
 
 
+def lockstep_tokens(prompts: list[list[int]], total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (b, total) token buffer holding each prompt at its start, and the (b, total) mask of prompt positions."""
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    return tokens, torch.arange(total, device=device)[None, :] < lens[:, None]
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
@@ -103,11 +112,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     b = len(prompts)
-    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    prompt_len = torch.tensor(lens, device=device)
-    in_prompt = torch.arange(total, device=device)[None, :] < prompt_len[:, None]  # (b, total)
+    tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
     cache = model.new_cache(b, total) if runner is None else runner.cache

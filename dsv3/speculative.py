@@ -72,7 +72,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     `stats`, if given, receives drafted / accepted counts (generated positions only), main-model
     forwards, and per-step acceptance as `trace` (a list of (position, drafted, accepted) for row 0).
     """
-    from dsv3.generation import check_request
+    from dsv3.generation import check_request, lockstep_tokens
 
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
@@ -87,10 +87,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     b = len(prompts)
-    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    in_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     cache = model.new_cache(b, total, mtp=True)
     mtp = model.mtp[0]

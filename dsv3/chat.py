@@ -32,6 +32,8 @@ def _chat(ns) -> int:
     from dsv3.generation import generate
 
     check_sampling_args(ns)
+    if sys.stdin is None:  # started with `<&-`
+        raise UsageError("standard input is closed: chat reads one turn per line from it")
     if ns.preset:
         raise UsageError("chat needs a tokenizer and chat template: give --ckpt DIR (not --preset)")
     model, tok, eos = load(ns)
@@ -49,13 +51,17 @@ def _chat(ns) -> int:
     interactive = lead and sys.stdin.isatty()
     start = [{"role": "system", "content": ns.system}] if ns.system else []
     messages = list(start)
+    line_no = 1
     if interactive:
         note("dsv3 chat: /clear starts over, /exit (or Ctrl-D) quits")
     while True:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = parallel.broadcast_object(sys.stdin.readline() if lead else None, group)
+        line, err = parallel.broadcast_object(_read_line(line_no) if lead else None, group)
+        line_no += 1
+        if err:  # every rank raises, rank 0 prints
+            raise UsageError(err)
         if not line:
             break
         text = line.rstrip("\n")
@@ -80,3 +86,11 @@ def _chat(ns) -> int:
         printer.finish()
         messages.append({"role": "assistant", "content": tok.decode(new)})
     return 0
+
+
+def _read_line(n: int) -> tuple[str, str | None]:
+    """(line, None), ("", None) at end of input, or ("", message) when line n is not UTF-8 text."""
+    try:
+        return sys.stdin.readline(), None
+    except UnicodeDecodeError as e:
+        return "", f"standard input, line {n}: not valid UTF-8 text ({e.reason} at byte {e.start})"

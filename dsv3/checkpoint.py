@@ -36,6 +36,7 @@ import torch
 
 from dsv3.config import ModelArgs
 from dsv3.errors import CheckpointError
+from dsv3.memory import check_fits
 
 # (HF suffix inside a layer, dsv3 suffix inside a block, tensor-parallel shard dim)
 _LAYER_TABLE: list[tuple[str, str, int | None]] = [
@@ -373,6 +374,25 @@ class LoadPlan:
     def nbytes(self) -> int:
         return sum(self.tensors[h].nbytes for h in self.mapping.values())
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The one floating dtype the model computes in when no dtype is asked for (see `compute_dtype`)."""
+        return compute_dtype(self.tensors[h] for h in self.mapping.values())
+
+
+def compute_dtype(infos) -> torch.dtype:
+    """The floating dtype holding most of the non-FP8 bytes: a stray float16/float32/float64 tensor among
+    bf16 ones is cast to it at load (as transformers casts to one dtype) instead of failing at the first matmul.
+    FP8 weights, block scales and the gate bias (float32 by definition) do not vote."""
+    votes: dict[torch.dtype, int] = {}
+    for i in infos:
+        if i.dtype.is_floating_point and i.dtype != torch.float8_e4m3fn and not i.name.endswith(_FIXED_DTYPE):
+            votes[i.dtype] = votes.get(i.dtype, 0) + i.nbytes
+    return max(votes, key=votes.get) if votes else torch.bfloat16
+
+
+_FIXED_DTYPE = ("weight_scale_inv", "e_score_correction_bias")  # HF names whose dtype is part of the format
+
 
 def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> LoadPlan:
     """Check a checkpoint against its config.json without reading any tensor data.
@@ -592,12 +612,19 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
 
         return reader(info.file).read(info, checked)
 
-    def target_dtype(ours: str, stored: torch.dtype) -> torch.dtype:
-        if dtype is None or not stored.is_floating_point or stored == torch.float8_e4m3fn \
-                or ours.endswith((".scale", "gate.bias")):
-            return stored
-        return dtype
+    cast_to = dtype or plan.compute_dtype
 
+    def target_dtype(ours: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point or stored == torch.float8_e4m3fn or ours.endswith((".scale", "gate.bias")):
+            return stored
+        return cast_to
+
+    def loaded_dtype(ours: str, info: TensorInfo) -> torch.dtype:
+        return (dtype or torch.bfloat16) if ours in plan.scales else target_dtype(ours, info.dtype)
+
+    need = sum(math.prod(plan.tensors[h].shape) * loaded_dtype(o, plan.tensors[h]).itemsize
+               for o, h in plan.mapping.items())
+    check_fits(need, device, f"the weights of {plan.path}")
     bar = _progress(plan.nbytes, progress)
     hf_to_ours = {h: o for o, h in plan.mapping.items()}
     try:
@@ -620,6 +647,9 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
         for hf_name, main in plan.copies.items():
             ref = model.get_parameter(main)
             if not read(hf_name, lambda v, ref=ref: torch.equal(v.to(device=ref.device, dtype=ref.dtype), ref)):
+                if not bool(torch.isfinite(ref).all()):  # NaN != NaN: a NaN in both copies is not a mismatch
+                    raise CheckpointError(f"{plan.path}: tensor {_dsv3_name_to_hf(main, plan.args)} holds NaN/Inf "
+                                          "(expected finite weights)")
                 raise CheckpointError(f"{plan.path}: MTP tensor {hf_name} differs from the main model's "
                                       f"{_dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
                                       "expected an exact copy)")

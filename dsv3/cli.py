@@ -7,13 +7,14 @@ with no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
-import importlib.util
 import json
 import os
 import sys
 
 from dsv3.errors import Dsv3Error
+from dsv3.options import Parser, non_utf8_argument, user_description
 
 
 def _cmd_info(ns: argparse.Namespace) -> int:
@@ -41,7 +42,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3, understood and run.")
+    p = Parser(prog="dsv3", description="DeepSeek-V3, understood and run.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("info", help="parameter counts and KV-cache size of a config",
@@ -60,10 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that live in their own module: each module has `add_args(parser)` and
     # `run(namespace) -> int`, and help text in its docstring's first line.
     for name, module in COMMAND_MODULES.items():
-        if importlib.util.find_spec(module) is None:
-            continue
         mod = importlib.import_module(module)
-        c = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        c = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0],
+                           description=user_description(mod.__doc__))
         mod.add_args(c)
         c.set_defaults(func=mod.run)
     return p
@@ -80,6 +80,14 @@ COMMAND_MODULES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    bad = non_utf8_argument(argv)
+    if bad is not None:
+        print(f"dsv3: error: argument {bad!r} is not valid UTF-8 (U+FFFD marks the bad bytes)", file=sys.stderr)
+        return 2
+    if sys.stdout is None:  # started with stdout closed (`>&-`): the next open() would take fd 1
+        print("dsv3: error: standard output is closed (redirect it to a file or /dev/null)", file=sys.stderr)
+        return 2
     parser = build_parser()
     ns = parser.parse_args(argv)
     rc = _run(ns)
@@ -93,17 +101,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(ns) -> int:
+    name = " ".join(filter(None, [ns.command, getattr(ns, "bench", None)]))
     try:
-        return ns.func(ns)
+        rc = ns.func(ns)
+        sys.stdout.flush()  # inside the try: a full stdout must fail here, not in the interpreter's exit
+        return rc
     except Dsv3Error as e:
-        print(f"dsv3 {ns.command}: error: {e}", file=sys.stderr)
+        print(f"dsv3 {name}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `dsv3 generate ... | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"dsv3 {ns.command}: interrupted", file=sys.stderr)
+        print(f"dsv3 {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+            raise
+        # a write to stdout failed (`> /dev/full`, a full disk): say so once, and drop the unwritable buffer
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"dsv3 {name}: error: cannot write to standard output ({os.strerror(e.errno)})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

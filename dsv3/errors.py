@@ -21,6 +21,14 @@ class UsageError(Dsv3Error, ValueError):
     """A bad argument to a public function or command (prompt, sampling parameter, ...)."""
 
 
+class ResourceError(Dsv3Error):
+    """A model or cache would not fit in the memory the device has free (checked before allocating)."""
+
+
+class NumericalError(Dsv3Error):
+    """The model produced NaN/Inf (non-finite weights, or an overflow): stop rather than emit garbage tokens."""
+
+
 class DistributedError(Dsv3Error):
     """A rank of a parallel run failed; every rank raises this with the failing rank's message."""
 

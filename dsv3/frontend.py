@@ -13,29 +13,48 @@ import sys
 from pathlib import Path
 
 from dsv3.errors import UsageError
+from dsv3.outputs import check_output_path, write_atomic
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 
 
 # ---------------------------------------------------------------------- arguments
+def device_name(s: str) -> str:
+    """argparse type for --device: cpu, cuda or cuda:N (meta and others cannot hold real weights)."""
+    import argparse
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    return s
+
+
 def add_model_args(p) -> None:
+    from dsv3.options import positive
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="Hugging Face DeepSeek-V3 directory (config.json + safetensors [+ tokenizer]); "
                                     "default: the bundled small model")
     src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="dequantise/cast the weights at load (default: as stored; FP8 stays FP8)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + generation (sizes the cache)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--max-seq-len", type=positive, default=None,
+                   help="longest prompt + generation, sizes the cache (default: the checkpoint's max_seq_len)")
     p.add_argument("--check-weights", action="store_true", help="scan every tensor for NaN/Inf while loading")
 
 
 def add_sampling_args(p, max_new_tokens: int = 64) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
-    p.add_argument("--seed", type=int, default=None)
+    from dsv3.options import non_negative, real, seed
+
+    p.add_argument("--max-new-tokens", type=non_negative, default=max_new_tokens,
+                   help="tokens to generate per prompt at most (stops earlier at the end-of-sequence token)")
+    p.add_argument("--temperature", type=real(0), default=0.0, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens with this much probability; 1 = off")
+    p.add_argument("--top-k", type=non_negative, default=0, help="keep the k most likely tokens; 0 = no top-k")
+    p.add_argument("--seed", type=seed, default=None,
+                   help="sampling seed in [0, 2^63) (default: a fresh random seed, shared by all ranks)")
 
 
 def add_generate_args(p) -> None:
@@ -44,7 +63,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids, e.g. 5,17,300 (repeatable)")
     p.add_argument("--input-file", help="prompts, one per line; or JSONL with \"prompt\" or \"prompt_ids\" per line")
-    p.add_argument("--output", help="write one JSON object per prompt to this JSONL file")
+    p.add_argument("--output", help="write one JSON object per prompt to this JSONL file (checked before loading)")
     add_sampling_args(p, max_new_tokens=32)
     p.add_argument("--json", action="store_true", help='print one line {"tokens": [[...]], "text": [...]}')
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd static step (same tokens)")
@@ -56,7 +75,7 @@ def add_generate_args(p) -> None:
 def check_sampling_args(ns) -> None:
     from dsv3.generation import check_sampling
 
-    check_sampling(ns.temperature, ns.top_p, ns.top_k)
+    check_sampling(ns.temperature, ns.top_p, ns.top_k, ns.seed)
     if ns.max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {ns.max_new_tokens}")
     if ns.max_seq_len is not None and ns.max_seq_len <= 0:
@@ -86,9 +105,15 @@ def load(ns):
     if group is not None:
         device = parallel.device_for(group)
     if ns.preset:
+        from dsv3.memory import check_fits, module_bytes
+
+        args = ModelArgs.preset(ns.preset, **overrides)
+        with torch.device("meta"):
+            need = module_bytes(Transformer(args, dtype=dtype))
+        check_fits(need, device, f"--preset {ns.preset}")
         torch.manual_seed(0 if ns.seed is None else ns.seed)
         with torch.device(device):
-            model = Transformer(ModelArgs.preset(ns.preset, **overrides), dtype=dtype).eval()
+            model = Transformer(args, dtype=dtype).eval()
         if group is not None:  # every rank built the same random model: keep this rank's share
             model = parallel.parallelize(model, group)
         return model, None, None
@@ -201,6 +226,8 @@ def main_generate(ns) -> int:
     from dsv3.generation import generate
 
     check_sampling_args(ns)
+    if ns.output:
+        check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
     prompts = read_prompts(ns)  # before loading: a bad file fails fast
     if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
         if not (Path(ns.ckpt) / "tokenizer.json").is_file() and Path(ns.ckpt).is_dir():
@@ -218,9 +245,13 @@ def main_generate(ns) -> int:
                    speculative="mtp" if ns.mtp else None)
     texts = [tok.decode(o) if tok is not None else None for o in out]
     if ns.output and parallel.rank_of(group) == 0:
-        with open(ns.output, "w", encoding="utf-8") as f:
-            for (text, _), p, o, t in zip(prompts, ids, out, texts):
-                f.write(json.dumps({"prompt": text, "prompt_ids": p, "tokens": o, "text": t}, ensure_ascii=False) + "\n")
+        lines = "".join(json.dumps({"prompt": text, "prompt_ids": p, "tokens": o, "text": t}, ensure_ascii=False) + "\n"
+                        for (text, _), p, o, t in zip(prompts, ids, out, texts))
+        try:
+            write_atomic(ns.output, lines, "--output")
+        except UsageError as e:  # e.g. the disk filled up meanwhile: keep the work, on stdout
+            sys.stdout.write(lines)
+            raise UsageError(f"{e}; the completions were written to standard output instead") from None
         print(f"wrote {len(out)} completion(s) to {ns.output}", file=sys.stderr)
     if ns.json:
         print(json.dumps({"tokens": out, "text": texts}, ensure_ascii=False))

@@ -9,19 +9,26 @@ decoding; tests hold them equal).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsv3.decode_step import DecodeRunner
-from dsv3.errors import UsageError
+from dsv3.errors import NumericalError, UsageError
+from dsv3.memory import check_cache_fits
+
+SEED_RANGE = (0, 2**63)
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not temperature >= 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
+def check_sampling(temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise UsageError(f"top_k must be >= 0, got {top_k}")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise UsageError(f"seed must be in [0, 2^63), got {seed}")
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -52,9 +59,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 
 
 def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                  top_k: int) -> int:
+                  top_k: int, seed: int | None = None) -> int:
     """Validate a generation request before any work; return the positions it needs (longest prompt + new)."""
-    check_sampling(temperature, top_p, top_k)
+    check_sampling(temperature, top_p, top_k, seed)
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -70,6 +77,14 @@ def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperat
         raise UsageError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
     return total
+
+
+def check_finite(logits: torch.Tensor, pos: int) -> None:
+    """Raise NumericalError when a step's logits (b, [s,] v) hold NaN/Inf: one reduction per step, no sync per row."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).flatten(1).any(-1).nonzero().flatten().tolist()
+        raise NumericalError(f"non-finite logits (NaN/Inf) at position {pos}, sequence(s) {rows[:8]}: the weights "
+                             "or activations are not finite (scan the weights with --check-weights)")
 
 
 def lockstep_tokens(prompts: list[list[int]], total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +117,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
         return generate_mtp(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             eos_id=eos_id, seed=seed, on_token=on_token)
-    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
     lens = [len(p) for p in prompts]
     if decode != "readable" and decode not in DecodeRunner.MODES:
         raise UsageError(f"decode={decode!r}: expected 'readable' or one of {', '.join(DecodeRunner.MODES)}")
@@ -114,6 +129,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     b = len(prompts)
     tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    check_cache_fits(model, b, total)
     runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
     cache = model.new_cache(b, total) if runner is None else runner.cache
 
@@ -122,6 +138,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     for cur in range(start, total):
         chunk = tokens[:, prev:cur]
         logits = (model(chunk, prev, cache, last_only=True) if runner is None else runner(chunk, prev))[:, -1]
+        check_finite(logits, cur)
         nxt = sample(logits, temperature, top_p, top_k, gen)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt

@@ -93,12 +93,12 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  mtp: bool = False) -> Cache:
+                  mtp: bool = False, device: torch.device | str | None = None) -> Cache:
         """A cache for `batch` sequences of up to `max_len` tokens (default: args.max_seq_len);
-        with `mtp`, also one per MTP module (speculative decoding)."""
+        with `mtp`, also one per MTP module (speculative decoding). device="meta" sizes it for free."""
         max_len = max_len or self.args.max_seq_len
         dtype = dtype or self.embed.weight.dtype
-        device = self.embed.weight.device
+        device = device or self.embed.weight.device
         layers = [blk.attn.new_cache(batch, max_len, dtype, device) for blk in self.layers]
         mtp_caches = [m.block.attn.new_cache(batch, max_len, dtype, device) for m in self.mtp] if mtp else []
         return Cache(layers, mtp_caches, batch, max_len)

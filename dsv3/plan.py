@@ -26,15 +26,18 @@ RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator sla
 
 
 def add_args(p) -> None:
+    from dsv3.options import positive, real
+
     p.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (= ranks), across all nodes")
-    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB (10^9 bytes)")
+    p.add_argument("--gpus", type=positive, required=True, help="number of GPUs (= ranks), across all nodes")
+    p.add_argument("--gpu-mem-gb", type=real(0, lo_open=True), required=True,
+                   help="memory of one GPU in GB (10^9 bytes)")
     p.add_argument("--dtype", choices=["fp8", "bf16"], default=None,
                    help="weight storage (default: the config's, fp8 for 671B)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence the cache holds "
+    p.add_argument("--max-seq-len", type=positive, default=None, help="tokens per sequence the cache holds "
                    "(default: the config's max_seq_len)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--prefill-tokens", type=int, default=None,
+    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together")
+    p.add_argument("--prefill-tokens", type=positive, default=None,
                    help="longest prompt processed in one step (default: min(4096, max_seq_len))")
     p.add_argument("--mtp", action="store_true", help="also hold the MTP module (speculative decoding)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from dsv3.errors import UsageError
-from dsv3.generation import sampling_probs
+from dsv3.generation import check_finite, sampling_probs
+from dsv3.memory import check_cache_fits
 
 
 def _draw(probs: torch.Tensor, greedy: bool, gen: torch.Generator | None) -> torch.Tensor:
@@ -76,7 +77,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
 
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
-    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
     lens = [len(p) for p in prompts]
     if stats is not None:
         stats.update(drafted=0, accepted=0, forwards=0, trace=[])
@@ -89,6 +90,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     b = len(prompts)
     tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    check_cache_fits(model, b, total, mtp=True)
     cache = model.new_cache(b, total, mtp=True)
     mtp = model.mtp[0]
 
@@ -96,7 +98,9 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
         h = model.hidden(x, start, cache)
         if stats is not None:
             stats["forwards"] += 1
-        return h, model.head(h).float()
+        logits = model.head(h).float()
+        check_finite(logits, start + x.shape[1] - 1)
+        return h, logits
 
     def mtp_forward(start: int, h: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """MTP positions start.. with main hidden states h and the tokens one ahead -> draft logits of the last."""

@@ -1,15 +1,18 @@
 """benchmarks: FP8 kernels, decoding speed, MTP speculative decoding (`dsv3 bench kernels|decode|mtp`).
 
-Each sub-benchmark is a module `dsv3.bench.<name>` with `add_args(parser)` and
-`run(namespace) -> int`, like the top-level commands; the ones not present in this
-checkout are simply not offered. Speed and memory are measured here, never in tests.
+Speed and memory are measured here, never in the tests; `dsv3 bench BENCHMARK --help` says what each
+one times and against what.
+
+Notes: each sub-benchmark is a module `dsv3.bench.<name>` with `add_args(parser)` and
+`run(namespace) -> int`, like the top-level commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
+
+from dsv3.options import user_description
 
 # sub-benchmark -> module, imported only when the parser is built
 BENCH_MODULES = {
@@ -22,11 +25,8 @@ BENCH_MODULES = {
 def add_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, module in BENCH_MODULES.items():
-        if importlib.util.find_spec(module) is None:
-            continue
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=user_description(mod.__doc__))
         mod.add_args(p)
         p.set_defaults(bench_func=mod.run)
 

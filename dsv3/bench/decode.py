@@ -25,25 +25,30 @@ BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3
 
 
 def add_args(p) -> None:
+    from dsv3.options import integer_list, positive, real
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="a Hugging Face DeepSeek-V3 directory")
     src.add_argument("--preset", default="bench", help="write a random checkpoint of this preset once (default: bench)")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--prompt", default="512,2048", help="comma-separated prompt lengths (default 512,2048)")
-    p.add_argument("--new", type=int, default=64, help="decode steps timed per run (default 64)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the floor uses --hbm-gb-s)")
-    p.add_argument("--hbm-gb-s", type=float, default=4800.0, help="GPU memory bandwidth for the floor (H200: 4800)")
+    p.add_argument("--batch", type=integer_list(1), default=(1, 8), help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt", type=integer_list(1), default=(512, 2048),
+                   help="comma-separated prompt lengths (default 512,2048)")
+    p.add_argument("--new", type=positive, default=64, help="decode steps timed per run (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p.add_argument("--threads", type=positive, default=1, help="torch threads per worker process")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (on CUDA the floor uses --hbm-gb-s)")
+    p.add_argument("--hbm-gb-s", type=real(0, lo_open=True), default=4800.0,
+                   help="GPU memory bandwidth for the floor in GB/s (H200: 4800)")
     p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
-    p.add_argument("--compare", default="", help="'transformers' to time it on the same checkpoint")
+    p.add_argument("--compare", default="", choices=["", "transformers"], help="'transformers' to time it on the same checkpoint")
     p.add_argument("--static", action="store_true", help="also time dsv3's static decode step, eager")
     p.add_argument("--compile", action="store_true",
                    help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the static step replayed as a CUDA graph (with --compile: the compiled step)")
-    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per cell (median reported)")
-    p.add_argument("--contexts", default="", help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
+    p.add_argument("--repeats", type=positive, default=3, help="fresh-process runs per cell (median reported)")
+    p.add_argument("--contexts", type=integer_list(1), default=(),
+                   help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
     p.add_argument("--plot", default=None, help="write the step-time-vs-context plot to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", default=None, help=argparse_suppress())
@@ -53,15 +58,6 @@ def argparse_suppress():
     import argparse
 
     return argparse.SUPPRESS
-
-
-def _ints(s: str) -> list[int]:
-    from dsv3.errors import UsageError
-
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got {s!r}") from None
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -273,12 +269,18 @@ def run(ns) -> int:
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
         return 0
+    from dsv3.errors import UsageError
+    from dsv3.outputs import check_output_path
+
+    attn = [a for a in ns.attn.split(",") if a]
+    if not attn or any(a not in ("absorb", "naive") for a in attn):
+        raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
+    if ns.plot:
+        check_output_path(ns.plot, "--plot")
     ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
     args = ModelArgs.from_hf_config(ckpt)
-    impls = [f"dsv3:{a}" for a in ns.attn.split(",") if a]
+    impls = [f"dsv3:{a}" for a in attn]
     if ns.cuda_graph and not ns.device.startswith("cuda"):
-        from dsv3.errors import UsageError
-
         raise UsageError(f"--cuda-graph needs --device cuda (got --device {ns.device})")
     modes = {}  # impl name -> DecodeRunner mode
     if ns.static:
@@ -290,16 +292,12 @@ def run(ns) -> int:
             "compile+cuda-graph" if ns.compile else "cuda-graph"
     impls += list(modes)
     if ns.compare:
-        if ns.compare != "transformers":
-            from dsv3.errors import UsageError
-
-            raise UsageError(f"--compare supports 'transformers', got {ns.compare!r}")
         impls.append("transformers")
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
-    for batch in _ints(ns.batch):
-        for prompt in _ints(ns.prompt):
+    for batch in ns.batch:
+        for prompt in ns.prompt:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
@@ -321,12 +319,12 @@ def run(ns) -> int:
                                  kv_bytes_per_token=med("kv_bytes_per_token")))
     curves = {}
     if ns.contexts:
-        ctx = _ints(ns.contexts)
+        ctx = list(ns.contexts)
         for impl in impls:
             spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
                         new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
             curves[impl] = _spawn(spec)["curve"]
-    floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in _ints(ns.batch)}
+    floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in ns.batch}
     _add_ratios(rows)
     result = dict(ckpt=str(ckpt), dtype=ns.dtype, device=ns.device, threads=ns.threads, read_gb_s=bw / 1e9,
                   floor_ms=floor_ms,

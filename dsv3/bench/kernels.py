@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from functools import partial
 
 from dsv3.errors import UsageError
+from dsv3.outputs import check_output_path, write_atomic
 
 MS = (1, 16, 128, 1024, 4096)
 NKS = ((24576, 1536), (32768, 512), (7168, 16384), (18432, 7168), (7168, 18432), (2048, 7168), (7168, 2048),
@@ -48,12 +49,18 @@ PEAKS = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--json-out", type=str, default=None, help="also write the JSON object to this file")
+    from dsv3.options import integer_list, real
+
+    p.add_argument("--json-out", type=str, default=None, help="also write the JSON object to this file (checked first)")
     p.add_argument("--quick", action="store_true", help="tiny shapes only (runs on CPU, through the Triton interpreter)")
-    p.add_argument("--m", type=str, default=None, help="comma-separated M values (default: 1,16,128,1024,4096)")
-    p.add_argument("--rep-ms", type=float, default=30.0, help="GPU: milliseconds of repetitions per measurement")
-    p.add_argument("--peak-fp8", type=float, default=None, help="dense FP8 peak of this card in TFLOP/s")
-    p.add_argument("--peak-bf16", type=float, default=None, help="dense BF16 peak of this card in TFLOP/s")
+    p.add_argument("--m", type=integer_list(1), default=None,
+                   help="comma-separated M values (default: 1,16,128,1024,4096; with --quick 1,16)")
+    p.add_argument("--rep-ms", type=real(0, lo_open=True), default=30.0,
+                   help="GPU: milliseconds of repetitions per measurement")
+    p.add_argument("--peak-fp8", type=real(0, lo_open=True), default=None,
+                   help="dense FP8 peak of this card in TFLOP/s (default: from the card's name)")
+    p.add_argument("--peak-bf16", type=real(0, lo_open=True), default=None,
+                   help="dense BF16 peak of this card in TFLOP/s (default: from the card's name)")
 
 
 def _card_peaks(name: str) -> tuple[float | None, float | None]:
@@ -78,12 +85,9 @@ def run(ns: argparse.Namespace) -> int:
     if not cuda and "triton" not in sys.modules:
         # Triton can only interpret on CPU, and decides so when it is first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:
-        ms = tuple(int(v) for v in ns.m.split(",")) if ns.m else (QUICK_MS if ns.quick else MS)
-    except ValueError:
-        raise UsageError(f"bench kernels: --m must be comma-separated integers, got {ns.m!r}") from None
-    if any(m < 1 for m in ms):
-        raise UsageError(f"bench kernels: --m values must be ≥ 1, got {ms}")
+    if ns.json_out:
+        check_output_path(ns.json_out, "--json-out")  # before the measurements, not after
+    ms = ns.m or (QUICK_MS if ns.quick else MS)
     nks = QUICK_NKS if ns.quick else NKS
 
     from dsv3 import fp8
@@ -164,13 +168,12 @@ def run(ns: argparse.Namespace) -> int:
             if not ns.json:
                 _print_row(row)  # as it comes: the first autotuning of each shape takes a while
 
-    if ns.json_out:
-        with open(ns.json_out, "w") as f:
-            json.dump(result, f, indent=1)
     if ns.json:
         print(json.dumps(result))
     else:
         _print_notes(result)
+    if ns.json_out:
+        write_atomic(ns.json_out, json.dumps(result, indent=1), "--json-out")
     return 0
 
 

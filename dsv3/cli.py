@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): the next open() would take fd 1
         print("dsv3: error: standard output is closed (redirect it to a file or /dev/null)", file=sys.stderr)
         return 2
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, already printed on one line): a code, like every path
+        return e.code if isinstance(e.code, int) else 2
     rc = _run(ns)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # a torchrun rank whose work is done (process group already torn down): skip the interpreter's

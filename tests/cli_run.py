@@ -9,14 +9,16 @@ prints, so the bad-input matrix runs every case through `run_dsv3`.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from dsv3 import testing
+
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    """dsv3.testing.cli_env (this checkout, one thread), without the test session's TRITON_INTERPRET."""
+    env = {**testing.cli_env(), "OPENBLAS_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     env.update(extra)
     return env
@@ -24,7 +26,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_dsv3(*argv: str, stdin: str | bytes | None = None, env: dict | None = None, cwd=None, timeout: float = 300,
              module: str = "dsv3.cli") -> subprocess.CompletedProcess:
-    """`python -m dsv3.cli ARGV...` (or another module); text output, stdin closed unless given."""
+    """`python -m dsv3.cli ARGV...` (or another module); text output; stdin is empty unless given."""
     binary = isinstance(stdin, bytes)
     p = subprocess.run([sys.executable, "-m", module, *argv], input=stdin,
                        stdin=subprocess.DEVNULL if stdin is None else None, capture_output=True, text=not binary,

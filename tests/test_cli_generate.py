@@ -240,15 +240,15 @@ BAD_ARGS = {
     "negative token id": (["--prompt-ids", "5,-1"], "outside the vocabulary"),
     "empty prompt": ([""], "prompt 0 is empty"),
     "blank prompt": (["   "], "prompt 0 is empty"),
-    "temperature < 0": (["Hello", "--temperature", "-0.1"], "temperature must be >= 0, got -0.1"),
-    "top-p 0": (["Hello", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
-    "top-p > 1": (["Hello", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
-    "top-k < 0": (["Hello", "--top-k", "-1"], "top_k must be >= 0, got -1"),
+    "temperature < 0": (["Hello", "--temperature", "-0.1"], "argument --temperature: expected a finite number >= 0, got -0.1"),
+    "top-p 0": (["Hello", "--top-p", "0"], "argument --top-p: expected a finite number in (0, 1], got 0"),
+    "top-p > 1": (["Hello", "--top-p", "1.5"], "argument --top-p: expected a finite number in (0, 1], got 1.5"),
+    "top-k < 0": (["Hello", "--top-k", "-1"], "argument --top-k: expected an integer >= 0, got -1"),
     "bad prompt ids": (["--prompt-ids", "1,a"], "--prompt-ids '1,a': expected comma-separated integers"),
     "two prompt sources": (["Hello", "--prompt-ids", "1,2"], "give prompts one way"),
     "no prompt": ([], "no prompt"),
     "missing input file": (["--input-file", "/no/such/prompts.txt"], "--input-file /no/such/prompts.txt: no such file"),
-    "negative max-new-tokens": (["Hello", "--max-new-tokens", "-2"], "max_new_tokens must be >= 0"),
+    "negative max-new-tokens": (["Hello", "--max-new-tokens", "-2"], "argument --max-new-tokens: expected an integer >= 0"),
 }
 
 
@@ -281,9 +281,7 @@ def test_bad_input_in_a_real_process(fp8_ckpt, tmp_path):
 
 def test_help_for_chat_and_convert(capsys):
     for cmd in ("chat", "convert", "generate"):
-        with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
-        assert e.value.code == 0
+        assert main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: dsv3 {cmd}")
     main_help = run_cli("--help").stdout

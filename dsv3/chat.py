@@ -90,7 +90,10 @@ def _chat(ns) -> int:
 
 def _read_line(n: int) -> tuple[str, str | None]:
     """(line, None), ("", None) at end of input, or ("", message) when line n is not UTF-8 text."""
+    bad = f"standard input, line {n}: not valid UTF-8 text"
     try:
-        return sys.stdin.readline(), None
-    except UnicodeDecodeError as e:
-        return "", f"standard input, line {n}: not valid UTF-8 text ({e.reason} at byte {e.start})"
+        line = sys.stdin.readline()
+        line.encode("utf-8")  # a UTF-8-mode stdin (C locale) smuggles bad bytes in as lone surrogates
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return "", bad
+    return line, None

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_info)
 
-    from dsv3.generation import add_generate_args
+    from dsv3.frontend import add_generate_args
 
     g = sub.add_parser("generate", help="generate text or tokens from a checkpoint or preset",
                        description="Generate from a Hugging Face DeepSeek-V3 checkpoint (or a random preset).")

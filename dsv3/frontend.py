@@ -230,7 +230,7 @@ def main_generate(ns) -> int:
         check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
     prompts = read_prompts(ns)  # before loading: a bad file fails fast
     if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
-        if not (Path(ns.ckpt) / "tokenizer.json").is_file() and Path(ns.ckpt).is_dir():
+        if not (Path(ns.ckpt) / "tokenizer.json").is_file() and (Path(ns.ckpt) / "config.json").is_file():
             raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
     model, tok, eos = load(ns)
     group = parallel.current_group()

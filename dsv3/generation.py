@@ -160,14 +160,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
 
 # ---------------------------------------------------------------------- command line
-# The `dsv3 generate` command lives in dsv3.frontend (shared with `dsv3 chat`); these two
-# names stay here because dsv3.cli registers the command through them.
-def add_generate_args(p) -> None:
-    from dsv3.frontend import add_generate_args as add
-
-    add(p)
-
-
+# The `dsv3 generate` command lives in dsv3.frontend (shared with `dsv3 chat`); this wrapper runs it
+# on every rank under torchrun.
 def main_generate(ns) -> int:
     """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
     from dsv3.frontend import main_generate as main

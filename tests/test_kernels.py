@@ -269,5 +269,5 @@ def test_bench_kernels_quick_runs_end_to_end():
 def test_bench_kernels_needs_quick_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only error")
-    r = _cli("bench", "kernels", "--m", "x")
+    r = _cli("bench", "kernels", "--m", "1")
     assert r.returncode == 2 and "use --quick" in r.stderr and "Traceback" not in r.stderr

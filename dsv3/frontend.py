@@ -131,6 +131,12 @@ def load(ns):
     return model, tok, eos
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _config_eos(path: Path) -> int | None:
     for name in ("generation_config.json", "config.json"):
         f = path / name
@@ -226,6 +232,10 @@ def main_generate(ns) -> int:
     from dsv3.generation import generate
 
     check_sampling_args(ns)
+    if ns.mtp and (ns.compile or ns.cuda_graph):
+        raise UsageError("--mtp (speculative decoding) runs on the readable path: drop --compile/--cuda-graph")
+    if ns.cuda_graph and (ns.device or ("cuda" if _cuda_available() else "cpu")) == "cpu":
+        raise UsageError("--cuda-graph needs a CUDA device (this run is on the CPU)")
     if ns.output:
         check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
     prompts = read_prompts(ns)  # before loading: a bad file fails fast

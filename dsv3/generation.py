@@ -59,8 +59,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 
 
 def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                  top_k: int, seed: int | None = None) -> int:
-    """Validate a generation request before any work; return the positions it needs (longest prompt + new)."""
+                  top_k: int, seed: int | None = None, mtp: bool = False) -> int:
+    """Validate a generation request before any work, its cache's memory included (`mtp`: with the MTP
+    module's cache); return the positions it needs (longest prompt + new)."""
     check_sampling(temperature, top_p, top_k, seed)
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -76,6 +77,7 @@ def check_request(model, prompts: list[list[int]], max_new_tokens: int, temperat
     if total > model.args.max_seq_len:
         raise UsageError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len {model.args.max_seq_len} by {total - model.args.max_seq_len}")
+    check_cache_fits(model, len(prompts), total, mtp)
     return total
 
 
@@ -129,7 +131,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     b = len(prompts)
     tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    check_cache_fits(model, b, total)
     runner = None if decode == "readable" else DecodeRunner(model, b, total, decode)
     cache = model.new_cache(b, total) if runner is None else runner.cache
 

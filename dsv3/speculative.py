@@ -33,7 +33,6 @@ import torch
 
 from dsv3.errors import UsageError
 from dsv3.generation import check_finite, sampling_probs
-from dsv3.memory import check_cache_fits
 
 
 def _draw(probs: torch.Tensor, greedy: bool, gen: torch.Generator | None) -> torch.Tensor:
@@ -77,7 +76,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
 
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
-    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
+    total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, mtp=True)
     lens = [len(p) for p in prompts]
     if stats is not None:
         stats.update(drafted=0, accepted=0, forwards=0, trace=[])
@@ -90,7 +89,6 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     b = len(prompts)
     tokens, in_prompt = lockstep_tokens(prompts, total, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    check_cache_fits(model, b, total, mtp=True)
     cache = model.new_cache(b, total, mtp=True)
     mtp = model.mtp[0]
 

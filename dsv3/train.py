@@ -327,27 +327,37 @@ def read_trainer_state_json(out_dir: Path) -> dict:
     return doc
 
 
-def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
-    """(json doc, optimizer state_dict for `opt`, with the generator state under "generator"), from the
-    safetensors + JSON pair; the step recorded in all three files (model included) must agree."""
+def check_trainer_state(out_dir: Path) -> dict:
+    """The JSON half of a trainer state, after checking (headers only, no tensor read) that the step recorded in
+    trainer_state.json, trainer_state.safetensors and model.safetensors agree: a save cut between two renames
+    leaves them apart, and resuming from such a mix would not be the run it claims to be."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from dsv3.errors import CheckpointError
 
     doc = read_trainer_state_json(out_dir)
-    tfile, mfile = out_dir / STATE_TENSORS, out_dir / "model.safetensors"
-    steps = {}
-    for f in (tfile, mfile):
+    for f in (out_dir / STATE_TENSORS, out_dir / "model.safetensors"):
         try:
             with safe_open(str(f), "pt") as h:
-                steps[f] = (h.metadata() or {}).get("dsv3_train_step")
-        except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user-facing problem
+                step = (h.metadata() or {}).get("dsv3_train_step")
+        except Exception as e:  # noqa: BLE001 -- missing or unreadable: the same user-facing problem
             raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint in {out_dir} "
                                   "is incomplete") from None
-        if steps[f] != str(doc["step"]):
-            raise CheckpointError(f"{f} is from step {steps[f]} but {out_dir / STATE_JSON} from step {doc['step']} "
+        if step != str(doc["step"]):
+            raise CheckpointError(f"{f} is from step {step} but {out_dir / STATE_JSON} from step {doc['step']} "
                                   "(a save was cut short); remove the directory or choose another --out")
+    return doc
+
+
+def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
+    """(json doc, optimizer state_dict for `opt` with the generator state under "generator"), from the
+    safetensors + JSON pair checked by `check_trainer_state`."""
+    from safetensors.torch import load_file
+
+    from dsv3.errors import CheckpointError
+
+    doc = check_trainer_state(out_dir)
+    tfile = out_dir / STATE_TENSORS
     tensors = load_file(str(tfile))
     try:
         state = {int(pid): {k: tensors[e["tensor"]] if "tensor" in e else e["value"] for k, e in entries.items()}
@@ -358,8 +368,14 @@ def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
             raise ValueError("the optimizer's parameter groups differ from this model's")
         # JSON has no tuples: give back the optimizer's own types (AdamW's betas)
         groups = [{k: tuple(v) if isinstance(h.get(k), tuple) else v for k, v in g.items()} for g, h in zip(groups, fresh)]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for pid, entries in state.items():
+            for k, v in entries.items():
+                if hasattr(v, "shape") and v.dim() > 0 and v.shape != params[pid].shape:
+                    raise ValueError(f"state {pid}.{k} has shape {tuple(v.shape)}, its parameter "
+                                     f"{tuple(params[pid].shape)}")
         generator = tensors["generator"]
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{out_dir / STATE_JSON}: optimizer state does not match {tfile} or the model "
                               f"({type(e).__name__}: {e})") from None
     return doc, {"state": state, "param_groups": groups, "generator": generator}
@@ -546,7 +562,7 @@ def check_args(ns) -> dict | None:
     if not check_out_dir(out):
         _model_args(ns, ns.vocab_size)  # --config, --set and --seq-len, with the requested vocabulary
         return None
-    doc = read_trainer_state_json(out)
+    doc = check_trainer_state(out)
     if doc["steps"] != ns.steps or doc["seed"] != ns.seed:
         raise UsageError(f"{out} was trained with --steps {doc['steps']} --seed {doc['seed']}; "
                          "resume with the same values or choose another --out")

@@ -562,10 +562,11 @@ def check_args(ns) -> dict | None:
     if not check_out_dir(out):
         _model_args(ns, ns.vocab_size)  # --config, --set and --seq-len, with the requested vocabulary
         return None
-    doc = check_trainer_state(out)
+    doc = read_trainer_state_json(out)
     if doc["steps"] != ns.steps or doc["seed"] != ns.seed:
         raise UsageError(f"{out} was trained with --steps {doc['steps']} --seed {doc['seed']}; "
                          "resume with the same values or choose another --out")
+    check_trainer_state(out)
     from dsv3.config import ModelArgs
 
     args = ModelArgs.from_hf_config(out)

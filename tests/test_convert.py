@@ -319,3 +319,13 @@ def test_signal_handlers_are_restored(fp8_ckpt, tmp_path):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     conv.convert(fp8_ckpt, tmp_path / "out", "bf16")
     assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_too_little_free_space_is_refused_before_writing(fp8_ckpt, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(conv.UsageError, match="GB free"):
+        conv.convert(fp8_ckpt, tmp_path / "a" / "out", "bf16")
+    assert list(tmp_path.iterdir()) == []

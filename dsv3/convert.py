@@ -77,8 +77,11 @@ def _leftovers(dst: Path) -> list[tuple[Path, str, int]]:
     out = []
     if not dst.parent.is_dir():
         return out
-    for p in sorted(dst.parent.glob(f".{dst.name}.*-*")):
-        kind, _, pid = p.name.removeprefix(f".{dst.name}.").partition("-")
+    prefix = f".{dst.name}."  # compared as a string: DST's name may hold glob characters
+    for p in sorted(dst.parent.iterdir()):
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, pid = p.name[len(prefix):].partition("-")
         if kind in ("partial", "old") and pid.isdigit() and p.is_dir() and not p.is_symlink():
             out.append((p, kind, int(pid)))
     return out
@@ -260,6 +263,7 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
     total = 0
     n_tensors = 0
     bar = None
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # where --force moves the previous output aside
     try:
         _remove_stale(dst)
         tmp.mkdir(parents=True)
@@ -299,8 +303,12 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
                                               "dtype": dtype}, indent=2) + "\n")
         sig["deferred"] = True
         if sig["pending"] is None:
-            if dst.exists():  # --force, checked above: move the old output aside, the new one in, then delete
-                old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            if dst.exists() or dst.is_symlink():
+                if not (force and dst.is_dir() and not dst.is_symlink() and _is_convert_output(dst)):
+                    # it appeared while we converted (checked absent, or convert's own, at the start)
+                    raise UsageError(f"{dst}: appeared while converting and is not an earlier dsv3 convert output "
+                                     "that --force may replace; nothing was written")
+                # --force: move the old output aside, the new one in, then delete the old one
                 dst.rename(old)
                 tmp.rename(dst)
                 shutil.rmtree(old)
@@ -317,6 +325,8 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
             r.close()
         readers.clear()
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not dst.exists():  # failed between the two renames of a --force swap
+            old.rename(dst)
         _remove_created(missing)
         raise
     finally:

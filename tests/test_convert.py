@@ -329,3 +329,20 @@ def test_too_little_free_space_is_refused_before_writing(fp8_ckpt, tmp_path, mon
     with pytest.raises(conv.UsageError, match="GB free"):
         conv.convert(fp8_ckpt, tmp_path / "a" / "out", "bf16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dst_that_appears_during_the_run_is_not_replaced(fp8_ckpt, tmp_path, monkeypatch):
+    """Checked absent at the start, created by someone else while converting: left as it is, output dropped."""
+    dst = tmp_path / "out"
+    real = conv._write_shard
+
+    def racing(file, entries, produce):
+        if not dst.exists():
+            dst.mkdir()
+            (dst / "theirs.txt").write_text("keep")
+        return real(file, entries, produce)
+
+    monkeypatch.setattr(conv, "_write_shard", racing)
+    with pytest.raises(conv.UsageError, match="appeared while converting"):
+        conv.convert(fp8_ckpt, dst, "bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in dst.iterdir()] == ["theirs.txt"]

@@ -161,17 +161,17 @@ def _remove_created(missing: list[Path]) -> None:
 def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = False,
             progress: bool | None = None) -> dict:
     """Write `src` to `dst` with Linear weights in `dtype` ("bf16", "fp32" or "fp8"); returns sizes and time."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    t0 = time.perf_counter()
+    src = Path(src)
+    dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
     import torch
 
     from dsv3.checkpoint import ShardReader, _by_file, _check_finite, _progress, check_checkpoint, is_quantized_in_release
     from dsv3.fp8 import weight_dequant, weight_quant
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    t0 = time.perf_counter()
-    src = Path(src)
     plan = check_checkpoint(src)  # every source check before any tensor is read
-    dst, missing = check_destination(src, dst, force=force)
     block = plan.ckpt_args.block_size
     floating = torch.float32 if dtype == "fp32" else torch.bfloat16
     tensors = plan.tensors  # HF name -> TensorInfo

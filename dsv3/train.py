@@ -578,14 +578,15 @@ def check_args(ns) -> dict | None:
 # ---------------------------------------------------------------------- the loop
 def train(ns) -> dict:
     """Run (or resume) training as described by the parsed arguments; returns the final held-out metrics."""
+    # every argument and --out, before any data is read or anything written (and before torch is imported,
+    # so that a mistake is reported at once)
+    resume = check_args(ns) is not None
     import torch
     from tokenizers import Tokenizer
 
     from dsv3 import data
     from dsv3.config import ModelArgs
 
-    resume_doc = check_args(ns)  # every argument and --out, before any data is read or anything written
-    resume = resume_doc is not None
     if ns.threads:
         torch.set_num_threads(ns.threads)
     out = Path(ns.out)

@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import os
+import signal
 import sys
 
 from dsv3.errors import Dsv3Error
@@ -114,9 +115,9 @@ def _run(ns) -> int:
     except BrokenPipeError:  # e.g. `dsv3 generate ... | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"dsv3 {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or dsv3.errors.Interrupted from a command's own signal handler
+        print(f"dsv3 {name}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:
         if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
             raise

@@ -4,34 +4,52 @@ FP8 -> BF16/FP32 needs no FP8-capable GPU (the official cast script does); BF16/
 quantises exactly the tensors the release quantises (128×128 e4m3 blocks, float32
 `weight_scale_inv`), so our own models ship in the real format. Shard by shard, tensor
 by tensor: each output shard's header is known in advance, so tensors are written as
-they are produced and memory stays around one tensor. The output goes to a temporary
-directory next to DST, renamed at the end: an interrupted run leaves nothing that looks
-complete. Tokenizer and other side files are copied; `quantization_config` is removed or
-added in config.json.
+they are produced and memory stays around one tensor. Tokenizer and other side files are
+copied; `quantization_config` is removed or added in config.json.
+
+Nothing is lost (docs/reliability-convert-train.md):
+- every check (source headers, every output path, free space) runs before any tensor is read;
+- DST may not be SRC, inside SRC or above it (symlinks resolved), with or without --force;
+- the output carries a marker file (`dsv3-convert.json`), and --force replaces only a directory
+  that has one: never a directory dsv3 did not write;
+- the output is written to `.DST.partial-PID` beside DST and renamed at the end; a failure or
+  SIGINT/SIGTERM/SIGHUP removes it (and any parent directories this run created), so the
+  filesystem is as it was; after a SIGKILL, the next run removes partial directories whose
+  process is gone and refuses to run beside one whose process is alive.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shutil
+import signal
 import struct
 import time
 from pathlib import Path
 
-from dsv3.errors import CheckpointError, UsageError
+from dsv3.errors import Interrupted, UsageError
 
 DTYPES = ("bf16", "fp32", "fp8")
+MARKER = "dsv3-convert.json"  # written into every output: what --force may replace
+MARKER_FORMAT = "dsv3-convert/1"
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # the ones a user or a scheduler sends to stop a job
 
 
 def add_args(p) -> None:
-    p.add_argument("src", help="Hugging Face DeepSeek-V3 checkpoint directory")
-    p.add_argument("dst", help="output directory (must not exist, unless --force)")
+    p.add_argument("src", help="Hugging Face DeepSeek-V3 checkpoint directory (read only; never modified)")
+    p.add_argument("dst", help="output directory: must not exist, unless --force and an earlier dsv3 convert wrote it; "
+                               "not SRC, inside SRC or above SRC")
     p.add_argument("--dtype", required=True, choices=DTYPES,
-                   help="bf16/fp32: dequantise FP8 weights; fp8: quantise to DeepSeek's 128×128 block format")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument("--check-weights", action="store_true", help="scan every tensor for NaN/Inf while converting")
+                   help="bf16/fp32: dequantise FP8 weights; fp8: quantise to DeepSeek's 128×128 block format "
+                        "(required, no default)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if an earlier dsv3 convert wrote it (it holds dsv3-convert.json); "
+                        "never any other directory (default: off)")
+    p.add_argument("--check-weights", action="store_true",
+                   help="scan every tensor for NaN/Inf while converting (default: off)")
 
 
 def run(ns) -> int:
@@ -41,23 +59,119 @@ def run(ns) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- output paths
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier call in this process: not a concurrent writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _leftovers(dst: Path) -> list[tuple[Path, str, int]]:
+    """(path, "partial" | "old", pid) for every `.DST.partial-PID` / `.DST.old-PID` beside DST."""
+    out = []
+    if not dst.parent.is_dir():
+        return out
+    prefix = f".{dst.name}."  # compared as a string: DST's name may hold glob characters
+    for p in sorted(dst.parent.iterdir()):
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, pid = p.name[len(prefix):].partition("-")
+        if kind in ("partial", "old") and pid.isdigit() and p.is_dir() and not p.is_symlink():
+            out.append((p, kind, int(pid)))
+    return out
+
+
+def _is_convert_output(d: Path) -> bool:
+    try:
+        return json.loads((d / MARKER).read_text()).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(src, dst, *, force: bool = False) -> tuple[Path, list[Path]]:
+    """Every check of DST against SRC and the filesystem, touching nothing; raises UsageError (one line).
+
+    Returns (DST as an absolute path with its parent's symlinks resolved, the missing parent directories
+    that the conversion will create, deepest first)."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_symlink():
+        raise UsageError(f"{dst}: is a symbolic link; give the directory itself as DST")
+    src_r = src.resolve()
+    dst_r = dst.resolve()  # non-strict: resolves the symlinks of the part that exists
+    if not dst_r.name:
+        raise UsageError(f"{dst}: not a directory name that can be written")
+    if dst_r == src_r:
+        raise UsageError(f"{dst}: is the source checkpoint {src}; choose another DST")
+    if src_r in dst_r.parents:
+        raise UsageError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
+    if dst_r in src_r.parents:
+        raise UsageError(f"{dst}: contains the source checkpoint {src} (replacing it would delete the source); "
+                         "choose a DST outside it")
+    if dst_r.exists():
+        if not dst_r.is_dir():
+            raise UsageError(f"{dst}: exists and is not a directory; choose another DST")
+        if not force:
+            raise UsageError(f"{dst}: already exists (use --force to replace an earlier dsv3 convert output)")
+        if not _is_convert_output(dst_r):
+            raise UsageError(f"{dst}: was not written by dsv3 convert (no {MARKER}); --force replaces only "
+                             "dsv3 convert's own output: remove it yourself")
+    missing = []
+    parent = dst_r.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{dst}: cannot write in {parent} (permission denied)")
+    for p, kind, pid in _leftovers(dst_r):
+        if kind == "partial" and _pid_alive(pid):
+            raise UsageError(f"{dst}: another dsv3 convert (pid {pid}) is writing it ({p}); wait for it, or remove "
+                             f"{p} yourself if no such conversion is running")
+    return dst_r, missing
+
+
+def _remove_stale(dst: Path) -> None:
+    """Leftovers of a killed run (SIGKILL cannot be caught): partial outputs whose process is gone are
+    removed; a previous output that was moved aside for --force is put back if DST is missing."""
+    for p, kind, pid in _leftovers(dst):
+        if _pid_alive(pid):
+            continue
+        if kind == "old" and not dst.exists() and _is_convert_output(p):
+            p.rename(dst)  # killed between the two renames of a --force swap: the old output is still whole
+        else:
+            shutil.rmtree(p)
+
+
+def _remove_created(missing: list[Path]) -> None:
+    for p in missing:  # deepest first; only if still empty
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+# ---------------------------------------------------------------------- conversion
 def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = False,
             progress: bool | None = None) -> dict:
     """Write `src` to `dst` with Linear weights in `dtype` ("bf16", "fp32" or "fp8"); returns sizes and time."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    t0 = time.perf_counter()
+    src = Path(src)
+    dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
     import torch
 
     from dsv3.checkpoint import ShardReader, _by_file, _check_finite, _progress, check_checkpoint, is_quantized_in_release
     from dsv3.fp8 import weight_dequant, weight_quant
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    plan = check_checkpoint(src)  # every check before any tensor is read
-    if dst.resolve() == src.resolve():
-        raise UsageError(f"{dst}: destination is the source checkpoint")
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst}: already exists (use --force to replace it)")
+    plan = check_checkpoint(src)  # every source check before any tensor is read
     block = plan.ckpt_args.block_size
     floating = torch.float32 if dtype == "fp32" else torch.bfloat16
     tensors = plan.tensors  # HF name -> TensorInfo
@@ -87,10 +201,13 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
                 entries.append((name, info.dtype, info.shape, ("copy", info, None)))
         return entries
 
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    shards = [(file, infos, out_entries(infos)) for file, infos in _by_file(tensors.values())]
+    need = sum(math.prod(shape) * dt.itemsize for *_, entries in shards for _, dt, shape, _ in entries)
+    existing = next(p for p in (dst.parent, *dst.parent.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise UsageError(f"{dst}: the output needs {need / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free")
+
     readers: dict[Path, ShardReader] = {}
 
     def reader(file: Path) -> ShardReader:
@@ -122,15 +239,46 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
             return q
         return quant_cache.pop(info.name)
 
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    # A signal becomes an exception (unwinding runs the cleanup below), except while the finished output
+    # is being renamed into place: then it waits (`deferred`), so DST is never left half swapped.
+    sig = {"deferred": False, "pending": None}
+
+    def on_signal(signum, frame):
+        if sig["pending"] is not None:
+            return  # already unwinding from one signal: let the cleanup finish
+        sig["pending"] = signum
+        if not sig["deferred"]:
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}: removed the partial output {tmp}; "
+                              f"{dst} was not written", signum)
+
+    previous = {}
+    try:
+        for name in _SIGNALS:
+            if hasattr(signal, name):
+                previous[name] = signal.signal(getattr(signal, name), on_signal)
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        pass
     weight_map: dict[str, str] = {}
     total = 0
     n_tensors = 0
-    bar = _progress(sum(i.nbytes for i in tensors.values()), progress)
-    bar.set_description("converting")
+    bar = None
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # where --force moves the previous output aside
     try:
-        for file, infos in _by_file(tensors.values()):
-            entries = out_entries(infos)
+        _remove_stale(dst)
+        tmp.mkdir(parents=True)
+        bar = _progress(sum(i.nbytes for i in tensors.values()), progress)
+        bar.set_description("converting")
+        # Test hook: hold the run this many seconds after each shard, so that a test can signal or kill it
+        # at a known point (a test-sized conversion is over in a fraction of a second).
+        try:
+            hold = float(os.environ.get("DSV3_TEST_CONVERT_SHARD_DELAY", "0"))
+        except ValueError:
+            hold = 0.0
+        for file, infos, entries in shards:
             total += _write_shard(tmp / file.name, entries, produce)
+            if hold > 0:
+                time.sleep(hold)
             for name, *_ in entries:
                 weight_map[name] = file.name
             n_tensors += len(entries)
@@ -147,24 +295,45 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
             cfg.pop("quantization_config", None)
             cfg["torch_dtype"] = "float32" if dtype == "fp32" else "bfloat16"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in sorted(src.iterdir()):  # tokenizer, generation config, README, ...
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
-                                                                             "model.safetensors.index.json"):
+        for f in sorted(src.iterdir()):  # tokenizer, generation config, README, logs, ...
+            if f.is_file() and f.suffix != ".safetensors" and not f.name.startswith("trainer_state.") \
+                    and f.name not in ("config.json", "model.safetensors.index.json", MARKER):
                 shutil.copy2(f, tmp / f.name)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dst)
+        (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "source": str(src.resolve()),
+                                              "dtype": dtype}, indent=2) + "\n")
+        sig["deferred"] = True
+        if sig["pending"] is None:
+            if dst.exists() or dst.is_symlink():
+                if not (force and dst.is_dir() and not dst.is_symlink() and _is_convert_output(dst)):
+                    # it appeared while we converted (checked absent, or convert's own, at the start)
+                    raise UsageError(f"{dst}: appeared while converting and is not an earlier dsv3 convert output "
+                                     "that --force may replace; nothing was written")
+                # --force: move the old output aside, the new one in, then delete the old one
+                dst.rename(old)
+                tmp.rename(dst)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(dst)
+        else:  # a signal came between the last write and the rename
+            raise Interrupted(f"interrupted by {signal.Signals(sig['pending']).name}: removed the partial output "
+                              f"{tmp}; {dst} was not written", sig["pending"])
     except BaseException:
-        bar.close()
+        sig["pending"] = sig["pending"] or -1  # from here on a signal only waits for the cleanup to finish
+        if bar is not None:
+            bar.close()
+        for r in readers.values():
+            r.close()
+        readers.clear()
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not dst.exists():  # failed between the two renames of a --force swap
+            old.rename(dst)
+        _remove_created(missing)
         raise
     finally:
         for r in readers.values():
             r.close()
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
     return {"tensors": n_tensors, "shards": len({*weight_map.values()}),
             "src_bytes": sum(i.nbytes for i in tensors.values()), "dst_bytes": total,
             "seconds": time.perf_counter() - t0}
@@ -194,6 +363,10 @@ def _write_shard(file: Path, entries, produce) -> int:
             t = produce(*how)
             if t.dtype != dt or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"convert produced {t.dtype} {tuple(t.shape)} for {name}, planned {dt} {shape}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            t = t.contiguous().reshape(-1).view(torch.uint8)
+            if t.numel():
+                # the tensor's own bytes, without a copy and without numpy (torch has no buffer protocol);
+                # `t` stays referenced until the write returns
+                f.write(memoryview((ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())))
             del t
     return off

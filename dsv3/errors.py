@@ -35,3 +35,14 @@ class DistributedError(Dsv3Error):
     def __init__(self, message: str, rank: int = 0):
         super().__init__(message)
         self.rank = rank  # the rank raising it (only rank 0 needs to print it)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal (SIGINT, SIGTERM, SIGHUP) after cleaning up what it had written.
+
+    Not a user mistake, so not a `Dsv3Error`: the CLI prints the message on one line and exits 128 + signum,
+    the shell's convention for a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

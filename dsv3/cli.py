@@ -7,6 +7,7 @@ with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -81,7 +82,13 @@ COMMAND_MODULES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun rank other than 0: argparse's usage errors (and --help) are rank 0's to print;
+        # this rank exits with the same code 2, silently
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null):
+            ns = parser.parse_args(argv)
+    else:
+        ns = parser.parse_args(argv)
     rc = _run(ns)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # a torchrun rank whose work is done (process group already torn down): skip the interpreter's

@@ -94,7 +94,8 @@ def load(ns):
         return model, None, None
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
     if group is not None:
-        model = parallel.load_model_parallel(path, group, dtype=dtype, device=device, **overrides)
+        model = parallel.load_model_parallel(path, group, dtype=dtype, device=device,
+                                             check_weights=ns.check_weights, **overrides)
     else:
         model = load_model(path, dtype=dtype, device=device, check_weights=ns.check_weights, **overrides)
     tok = None
@@ -200,13 +201,22 @@ def main_generate(ns) -> int:
     from dsv3 import parallel
     from dsv3.generation import generate
 
-    check_sampling_args(ns)
-    prompts = read_prompts(ns)  # before loading: a bad file fails fast
-    if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
-        if not (Path(ns.ckpt) / "tokenizer.json").is_file() and Path(ns.ckpt).is_dir():
-            raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
-    model, tok, eos = load(ns)
     group = parallel.current_group()
+    lead = parallel.rank_of(group) == 0
+
+    def checks():  # before loading: a bad argument or file fails fast
+        check_sampling_args(ns)
+        if not lead:
+            return None  # rank 0 owns the inputs; the others get them by broadcast below
+        prompts = read_prompts(ns)
+        if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
+            if not (Path(ns.ckpt) / "tokenizer.json").is_file() and Path(ns.ckpt).is_dir():
+                raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
+        return prompts
+
+    # under torchrun every rank learns of a failed check, so none waits in a collective for the others
+    prompts = parallel.checked_on_every_rank(checks, group)
+    model, tok, eos = load(ns)
     # rank 0 owns the inputs: every rank generates from rank 0's prompts and, when sampling, its seed
     prompts = parallel.broadcast_object(prompts, group)
     ids = encode_prompts(prompts, tok)

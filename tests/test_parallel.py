@@ -252,7 +252,7 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        with pytest.raises(DistributedError, match=r"rank 0 of 1 failed: .*1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
+        with pytest.raises(DistributedError, match=r"1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
             load_model_parallel(bad, dist.group.WORLD)
     finally:
         dist.destroy_process_group()

@@ -497,7 +497,8 @@ def run_distributed(fn, *args, **kwargs) -> int:
         raise
     quiet = group is not None and rank_of(group) != 0
     # made while every rank is known to be alive: after a failure it is the one channel left to ask on
-    control = None if group is None else torch.distributed.new_group(backend="gloo")
+    control = None if group is None else torch.distributed.new_group(backend="gloo",
+                                                                      timeout=timedelta(seconds=dist_timeout_s()))
     together, reporting = True, []
     restore = _stop_on_sigterm(reporting) if group is not None and not quiet else None
     try:

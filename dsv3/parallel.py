@@ -523,7 +523,7 @@ def run_distributed(fn, *args, **kwargs) -> int:
         shutdown(group, together=together)
 
 
-def _stop_on_sigterm(reporting: list) -> object:
+def _stop_on_sigterm(reporting: list):
     """On rank 0: turn torchrun's SIGTERM (sent when another rank exited, e.g. was killed) into a failed
     collective, so that rank 0 still says which rank is gone instead of dying silently; while it is
     already reporting, the SIGTERM waits for the report. Returns the function that restores the handler."""
@@ -535,7 +535,7 @@ def _stop_on_sigterm(reporting: list) -> object:
 
     def on_term(signum, frame):
         if not reporting:
-            raise torch.distributed.DistError("stopped by torchrun (SIGTERM): another rank exited")
+            raise torch.distributed.DistError("SIGTERM from torchrun (it stops every worker once one has exited)")
 
     old = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, old)
@@ -580,7 +580,7 @@ def _lost_ranks_error(e: RuntimeError, group, control, grace_s: float = 5.0) -> 
     who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}") if missing else None
     if who:
         return DistributedError(f"{who} of {world} did not report back (collectives time out after "
-                                f"DSV3_DIST_TIMEOUT = {timeout:g} s; it stopped or died during the run): {cause}")
+                                f"DSV3_DIST_TIMEOUT = {timeout:g} s; stopped or died during the run): {cause}")
     return DistributedError(f"a collective failed on rank 0 though every rank reported back afterwards "
                             f"(DSV3_DIST_TIMEOUT = {timeout:g} s): {cause}")
 

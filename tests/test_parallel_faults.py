@@ -131,6 +131,14 @@ def test_usage_error_printed_once_by_rank_0(argv, needles):
     assert codes and set(codes) == {"2"}, p.stderr[-3000:]
 
 
+def test_dsv3_launch_ends_a_usage_error_with_one_line_and_exit_2():
+    """`python -m dsv3.launch` = torchrun without torchrun's own report: stderr is dsv3's one line, exit 2."""
+    cmd = [sys.executable, "-m", "dsv3.launch", "--standalone", "--nproc-per-node=2", "-m", "dsv3.generate",
+           "--temperature", "-1", "ROMEO:"]
+    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_user_error(p, "temperature must be >= 0")
+
+
 # ---------------------------------------------------------------------- --check-weights
 def test_check_weights_names_a_nan_only_rank_1_reads(tmp_path):
     """One NaN in the rows of q_b_proj that rank 1 holds: under torchrun rank 1 finds it in its slice and rank 0
@@ -164,13 +172,17 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no child of {launcher_pid} with RANK={rank} (children: {kids})")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])
-def test_rank_stopped_or_killed_mid_decode_ends_the_launch_with_one_line(sig):
+@pytest.mark.parametrize("sig, launcher", [(signal.SIGSTOP, "torchrun"), (signal.SIGKILL, "torchrun"),
+                                           (signal.SIGKILL, "dsv3.launch")],
+                         ids=["SIGSTOP", "SIGKILL", "SIGKILL-dsv3.launch"])
+def test_rank_stopped_or_killed_mid_decode_ends_the_launch_with_one_line(sig, launcher):
     """Rank 1 stopped or killed while tokens stream: rank 0 gives up after DSV3_DIST_TIMEOUT (stopped) or at
     once (killed), names rank 1 and the timeout in one line; torchrun ends (a stopped rank is SIGKILLed
-    by torchrun 30 s after its SIGTERM goes unanswered, hence the margin)."""
+    by torchrun 30 s after its SIGTERM goes unanswered, hence the margin). Under dsv3.launch that line is
+    all of stderr and the exit code is 2."""
     timeout_s = 10
-    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "dsv3.generate", "ROMEO:", "--dtype", "fp32",
+    launch = TORCHRUN if launcher == "torchrun" else [sys.executable, "-m", "dsv3.launch"]
+    cmd = [*launch, "--standalone", "--nproc-per-node=2", "-m", "dsv3.generate", "ROMEO:", "--dtype", "fp32",
            "--max-new-tokens", "480"]
     p = subprocess.Popen(cmd, env=_env(DSV3_DIST_TIMEOUT=str(timeout_s)), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -206,5 +218,8 @@ def test_rank_stopped_or_killed_mid_decode_ends_the_launch_with_one_line(sig):
             t.join(5)
     stderr = "".join(err)
     res = subprocess.CompletedProcess(cmd, p.returncode, "".join(out), stderr)
-    assert_one_dsv3_line(res, "rank 1 of 2 did not report back", f"DSV3_DIST_TIMEOUT = {timeout_s} s")
+    needles = ("rank 1 of 2 did not report back", f"DSV3_DIST_TIMEOUT = {timeout_s} s")
+    assert_one_dsv3_line(res, *needles)
+    if launcher == "dsv3.launch":
+        assert_user_error(res, *needles)
     print(f"{sig.name}: launch ended {took:.1f} s after the signal (timeout {timeout_s} s)")

@@ -84,6 +84,23 @@ def test_bundled_model_refusal_says_why_and_what_to_do():
         check_world_size(args.replace(n_heads=1, dtype="bf16"), 2)
 
 
+def test_dequantised_rank_slices_equal_slices_of_the_single_process_model():
+    """Each rank's share of the bundled FP8 model, dequantised at load from its own slices (64 of 128 rows:
+    half a scale block), equals the same share cut from the whole model dequantised by one process."""
+    import torch
+
+    from dsv3 import load_model
+    from dsv3.parallel import _read_rank, shard_model
+
+    args = ModelArgs.from_hf_config(BUNDLED_MODEL_DIR).replace(dtype="bf16")  # as load_model_parallel(dtype=...)
+    for rank in range(2):
+        mine = _read_rank(BUNDLED_MODEL_DIR, args, rank, 2, torch.float32, "cpu").state_dict()
+        ref = shard_model(load_model(BUNDLED_MODEL_DIR, dtype=torch.float32), rank, 2).state_dict()
+        assert mine.keys() == ref.keys()
+        for name, t in mine.items():
+            assert t.dtype == ref[name].dtype and torch.equal(t, ref[name]), (rank, name)
+
+
 def _try_it_commands() -> list[str]:
     """The commands of the "Try it" block in docs/distributed.md, in order."""
     text = (ROOT / "docs" / "distributed.md").read_text()

@@ -497,8 +497,11 @@ def run_distributed(fn, *args, **kwargs) -> int:
         raise
     quiet = group is not None and rank_of(group) != 0
     # made while every rank is known to be alive: after a failure it is the one channel left to ask on
-    control = None if group is None else torch.distributed.new_group(backend="gloo",
-                                                                      timeout=timedelta(seconds=dist_timeout_s()))
+    # (gloo also beside NCCL; where gloo cannot connect, failures are still reported, without names)
+    control = None
+    if group is not None:
+        with contextlib.suppress(RuntimeError):
+            control = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
     together, reporting = True, []
     restore = _stop_on_sigterm(reporting) if group is not None and not quiet else None
     try:
@@ -560,6 +563,9 @@ def _lost_ranks_error(e: RuntimeError, group, control, grace_s: float = 5.0) -> 
     # gloo's "[.../pair.cc:553] Connection closed by peer [addr]:port. This is typically caused by ...":
     # keep the what, drop the source position and the boilerplate advice
     cause = re.split(r"\. (?=[A-Z])", re.sub(r"^\[[^\]]*\] ", "", cause))[0]
+    if control is None:
+        return DistributedError(f"a collective failed (DSV3_DIST_TIMEOUT = {timeout:g} s; a rank stopped or died, "
+                                f"which one is unknown: no control group): {cause}", rank=rank)
     if rank != 0:
         with contextlib.suppress(Exception):  # rank 0 may be the one that is gone
             dist.send(torch.tensor([rank]), dst=0, group=control)

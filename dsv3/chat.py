@@ -31,16 +31,20 @@ def _chat(ns) -> int:
     from dsv3.frontend import _Printer, check_sampling_args, load
     from dsv3.generation import generate
 
-    check_sampling_args(ns)
-    if sys.stdin is None:  # started with `<&-`
-        raise UsageError("standard input is closed: chat reads one turn per line from it")
-    if ns.preset:
-        raise UsageError("chat needs a tokenizer and chat template: give --ckpt DIR (not --preset)")
+    group = parallel.current_group()
+
+    def checks():
+        check_sampling_args(ns)
+        if parallel.rank_of(group) == 0 and sys.stdin is None:  # started with `<&-`
+            raise UsageError("standard input is closed: chat reads one turn per line from it")
+        if ns.preset:
+            raise UsageError("chat needs a tokenizer and chat template: give --ckpt DIR (not --preset)")
+
+    parallel.checked_on_every_rank(checks, group)  # every rank learns of a failed check before any loads
     model, tok, eos = load(ns)
     if tok is None:
         raise UsageError(f"{ns.ckpt or 'the bundled model'} has no tokenizer.json: chat needs one")
     tok.apply_chat_template([{"role": "user", "content": "x"}])  # fails now if there is no usable template
-    group = parallel.current_group()
     lead = parallel.rank_of(group) == 0  # owns stdin, stdout and stderr
     seed = ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group)
 

@@ -394,11 +394,8 @@ def compute_dtype(infos) -> torch.dtype:
 _FIXED_DTYPE = ("weight_scale_inv", "e_score_correction_bias")  # HF names whose dtype is part of the format
 
 
-def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> LoadPlan:
-    """Check a checkpoint against its config.json without reading any tensor data.
-
-    Raises a `CheckpointError` (or `ConfigError`) naming the file/tensor and what was expected.
-    """
+def check_directory(path) -> Path:
+    """The checkpoint directory as a Path, or a CheckpointError saying why it is not one (no tensor read)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory (expected a Hugging Face checkpoint with config.json)")
@@ -408,6 +405,15 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
         raise CheckpointError(f"{path}: directory is not readable")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V3 checkpoint)")
+    return path
+
+
+def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> LoadPlan:
+    """Check a checkpoint against its config.json without reading any tensor data.
+
+    Raises a `CheckpointError` (or `ConfigError`) naming the file/tensor and what was expected.
+    """
+    path = check_directory(path)
     ckpt_args = ModelArgs.from_hf_config(path)
     tensors = scan(path)
     if ckpt_args.dtype != "fp8":
@@ -680,6 +686,14 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def _check_finite(t: torch.Tensor, info: TensorInfo) -> None:
+    check_finite(t, info.file, info.name)
+
+
+def check_finite(t: torch.Tensor, file, name: str, where: str = "") -> None:
+    """Raise CheckpointError naming `file` and tensor `name` if `t` holds a NaN/Inf.
+
+    `where` qualifies the flat index when `t` is a slice (a parallel rank's share).
+    """
     flat = t.reshape(-1)
     step = 1 << 22
     for i in range(0, flat.numel(), step):
@@ -692,8 +706,8 @@ def _check_finite(t: torch.Tensor, info: TensorInfo) -> None:
             return
         if bad.any():
             j = i + int(bad.nonzero()[0, 0])
-            raise CheckpointError(f"{info.file}: tensor {info.name} holds NaN/Inf ({int(bad.sum())}+ value(s), "
-                                  f"first at flat index {j}); expected finite weights")
+            raise CheckpointError(f"{file}: tensor {name} holds NaN/Inf ({int(bad.sum())}+ value(s), "
+                                  f"first at flat index {j}{where}); expected finite weights")
 
 
 def _progress(total: int, enabled: bool | None):

@@ -7,6 +7,7 @@ with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -90,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print("dsv3: error: standard output is closed (redirect it to a file or /dev/null)", file=sys.stderr)
         return 2
     try:
-        ns = build_parser().parse_args(argv)
+        if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a torchrun rank other than 0: argparse's usage errors (and --help) are rank 0's to print;
+            # this rank exits with the same code 2, silently
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null):
+                ns = build_parser().parse_args(argv)
+        else:
+            ns = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad option (2, already printed on one line): a code, like every path
         return e.code if isinstance(e.code, int) else 2
     rc = _run(ns)

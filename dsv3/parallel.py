@@ -35,6 +35,7 @@ import contextlib
 import functools
 import os
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from dsv3.errors import CheckpointError, ConfigError, DistributedError, Dsv3Erro
 
 def _split_reasons(args: ModelArgs, world: int, fp8_blocks: bool) -> list[str]:
     """Why `world` ranks cannot split this model (empty when they can)."""
+    if world == 1:
+        return []  # nothing is cut: partial FP8 blocks are fine in one process
     out = []
 
     def need(size: int, what: str) -> None:
@@ -91,10 +94,23 @@ def check_world_size(args: ModelArgs, world: int, fp8_blocks: bool | None = None
     if not isinstance(world, int) or world < 1:
         raise ConfigError(f"world size must be a positive integer, got {world!r}")
     reasons = _split_reasons(args, world, fp8_blocks)
-    if reasons:
-        valid = ", ".join(map(str, valid_world_sizes(args, fp8_blocks)))
-        raise ConfigError(f"{source}: cannot split the model over {world} ranks: {'; '.join(reasons)}. "
-                          f"Valid world sizes: {valid}")
+    if not reasons:
+        return
+    msg = f"{source}: cannot split the model over {world} ranks: {'; '.join(reasons)}. "
+    valid = valid_world_sizes(args, fp8_blocks)
+    dequantised = valid_world_sizes(args, False) if fp8_blocks else valid
+    if fp8_blocks and world in dequantised:
+        # the FP8 blocks are the only obstacle: dequantised at load, each rank cuts any row/column
+        msg += (f"Valid world sizes with FP8 weights: {', '.join(map(str, valid))}; dequantised at load "
+                f"(--dtype bf16 or fp32; load_model_parallel(..., dtype=...)): {', '.join(map(str, dequantised))}")
+    elif len(valid) > 1:
+        msg += f"Valid world sizes: {', '.join(map(str, valid))}"
+    elif len(dequantised) > 1:
+        msg += (f"No world size > 1 keeps its FP8 blocks whole; dequantised at load (--dtype bf16 or fp32; "
+                f"load_model_parallel(..., dtype=...)) valid world sizes are {', '.join(map(str, dequantised))}")
+    else:
+        msg += "No world size > 1 splits this model: run it as a single process (without torchrun)"
+    raise ConfigError(msg)
 
 
 # ---------------------------------------------------------------------- sharding
@@ -223,10 +239,10 @@ _EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 
 
 def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
-               dtype: torch.dtype | None, device) -> nn.Module:
+               dtype: torch.dtype | None, device, check_weights: bool = False) -> nn.Module:
     from safetensors import safe_open
 
-    from dsv3.checkpoint import _LAYER_PREFIX, hf_to_dsv3, weight_map
+    from dsv3.checkpoint import _LAYER_PREFIX, check_finite, hf_to_dsv3, weight_map
     from dsv3.fp8 import weight_dequant
     from dsv3.model import Transformer
 
@@ -276,9 +292,32 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         if full != tuple(want):
             raise CheckpointError(f"{path}: tensor {hf_name} has shape {full}, expected {tuple(want)} from config.json")
         if dim is None:
-            return sl[:]
-        n = local_shape[dim]
-        return sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
+            t = sl[:]
+        else:
+            n = local_shape[dim]
+            t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
+        if check_weights:  # this rank's slice only: together the ranks cover every value once
+            check_finite(t, path / wm[hf_name], hf_name,
+                         "" if dim is None else f" of rank {rank}'s slice (dim {dim}, {rank * n}..{(rank + 1) * n - 1})")
+        return t
+
+    def dequant(t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+        """This rank's slice `t` of an FP8 weight, dequantised. A slice that starts or ends inside a
+        scale block (e.g. 64 of 128 rows) is fine here: the whole scale tensor is tiny, read it all."""
+        bs, out = args.block_size, dtype or torch.bfloat16
+        if dim is None or local_shape[dim] % bs == 0:
+            s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
+            return weight_dequant(t, s, bs, out)
+        full = list(local_shape)
+        full[dim] *= world
+        s = read(handle(wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
+        rows, cols = torch.arange(t.shape[0]), torch.arange(t.shape[1])
+        if dim == 0:
+            rows = rows + rank * t.shape[0]
+        else:
+            cols = cols + rank * t.shape[1]
+        scale = s[rows // bs][:, cols // bs]  # (rows, cols): each value's block scale
+        return (t.float() * scale).to(out)  # as weight_dequant computes it: the same values as one process
 
     handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
 
@@ -302,9 +341,7 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                     s_hf = scales.get(ours[: -len(".weight")] + ".scale")
                     if s_hf is None:
                         raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                    bs = args.block_size
-                    s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
-                    t = weight_dequant(t, s, bs, dtype or torch.bfloat16)
+                    t = dequant(t, s_hf, dim, tuple(expected[ours].shape))
                 elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
                         and not ours.endswith((".scale", "gate.bias")):
                     t = t.to(dtype)
@@ -319,10 +356,12 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
 
 
 def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        **overrides) -> nn.Module:
+                        check_weights: bool = False, **overrides) -> nn.Module:
     """This rank's share of a Hugging Face DeepSeek-V3 directory, with the collectives in place.
 
-    Every rank calls it with the same arguments. Only this rank's slices are read.
+    Every rank calls it with the same arguments. Only this rank's slices are read; with `dtype`
+    FP8 weights are dequantised at load, so their slices need not be whole 128-blocks.
+    `check_weights`: each rank scans the slices it reads for NaN/Inf (together: every value once).
     If any rank fails (bad config, world size that does not divide, missing or
     unreadable shard, out of memory), every rank raises `DistributedError` carrying
     the first failing rank's message; the exchange is bounded by the group's timeout.
@@ -333,22 +372,43 @@ def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device
     err: str | None = None
     model = None
     try:
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint with config.json)")
+        from dsv3.checkpoint import check_directory
+
+        path = check_directory(path)  # the single process's words for a missing or unreadable directory
         args = ModelArgs.from_hf_config(path)
         ckpt_fp8 = args.dtype == "fp8"
-        # before any tensor is read: the sizes must split (FP8 scales in whole blocks)
-        check_world_size(args, world, fp8_blocks=ckpt_fp8, source=str(path))
+        # before any tensor is read: the sizes must split (FP8 kept as FP8: in whole scale blocks;
+        # dequantised at load, any row/column boundary works)
+        check_world_size(args, world, fp8_blocks=ckpt_fp8 and dtype is None, source=str(path))
         if dtype is not None and ckpt_fp8:
             overrides.setdefault("dtype", "bf16")  # dequantise at load, as load_model does
         if overrides:
             args = args.replace(**overrides)
-        model = _read_rank(path, args, rank, world, dtype, device)
+        model = _read_rank(path, args, rank, world, dtype, device, check_weights)
     except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
         err = str(e) if isinstance(e, Dsv3Error) else f"{type(e).__name__}: {e}"
     agree(err, group)
     return add_collectives(model, group)
+
+
+def checked_on_every_rank(fn, group):
+    """`fn()` (argument checks) on every rank, then one exchange: if it raised a `Dsv3Error` on any
+    rank, every rank raises (the message unchanged when every rank failed alike), so no rank goes on
+    into a collective that the others never reach. Returns fn's result."""
+    if group is None:
+        return fn()
+    err, out = None, None
+    try:
+        out = fn()
+    except Dsv3Error as e:
+        err = e
+    try:
+        agree(None if err is None else str(err), group)
+    except DistributedError:
+        if err is not None and rank_of(group) == 0:
+            raise err from None  # rank 0's own error, worded as a single process words it
+        raise
+    return out
 
 
 def agree(err: str | None, group) -> None:
@@ -363,6 +423,9 @@ def agree(err: str | None, group) -> None:
         raise DistributedError(f"rank {dist.get_rank(group)}: the other ranks did not report back ({first})"
                                + (f"; this rank's own error: {err}" if err else ""), rank=0) from None
     failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if len(failed) == len(msgs) and len(set(msgs)) == 1:
+        # the same error everywhere (a bad config, world size or argument): say it as one process would
+        raise DistributedError(msgs[0], rank=dist.get_rank(group))
     if failed:
         r, m = failed[0]
         more = f" ({len(failed) - 1} more rank(s) failed too)" if len(failed) > 1 else ""
@@ -382,7 +445,7 @@ def maybe_init_distributed(timeout_s: float | None = None):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if not dist.is_initialized():
-        timeout_s = timeout_s or float(os.environ.get("DSV3_DIST_TIMEOUT", "300"))
+        timeout_s = timeout_s or dist_timeout_s()
         backend = os.environ.get("DSV3_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend not in ("nccl", "gloo"):
             raise ConfigError(f"DSV3_DIST_BACKEND must be 'nccl' or 'gloo', got {backend!r}")
@@ -390,6 +453,18 @@ def maybe_init_distributed(timeout_s: float | None = None):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.group.WORLD
+
+
+def dist_timeout_s() -> float:
+    """The collective timeout in seconds: env DSV3_DIST_TIMEOUT, default 300."""
+    raw = os.environ.get("DSV3_DIST_TIMEOUT", "300")
+    try:
+        t = float(raw)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise ConfigError(f"DSV3_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return t
 
 
 def current_group():
@@ -401,23 +476,119 @@ def current_group():
 def run_distributed(fn, *args, **kwargs) -> int:
     """Run a command `fn(*args, **kwargs) -> int` on every rank of a torchrun launch (or plainly, alone).
 
-    Rank 0 owns the terminal: other ranks' stdout goes to /dev/null, and a `DistributedError` (which
-    every rank raises with the same message) is printed by rank 0 only. The group is torn down after.
+    Rank 0 owns the terminal: other ranks' stdout goes to /dev/null, and a `Dsv3Error` (a usage error
+    that every rank finds alike, or a `DistributedError` that every rank raises with the same message)
+    is printed by rank 0 only; the other ranks exit with the same code 2, silently. The group is torn
+    down after.
+
+    A collective that fails mid-run (a rank stopped or killed: gloo times out after DSV3_DIST_TIMEOUT
+    seconds, or finds the connection closed) ends the command on every rank that is still alive:
+    rank 0 asks the others over a separate control group which of them are still there, and raises
+    one `DistributedError` naming the ranks that did not report back and the timeout.
     """
     import contextlib
     import io
 
-    group = maybe_init_distributed()
+    try:
+        group = maybe_init_distributed()
+    except Dsv3Error:
+        if os.environ.get("RANK", "0") != "0":
+            return 2  # e.g. a bad DSV3_DIST_TIMEOUT: every rank finds it, rank 0 says it
+        raise
     quiet = group is not None and rank_of(group) != 0
+    # made while every rank is known to be alive: after a failure it is the one channel left to ask on
+    # (gloo also beside NCCL; where gloo cannot connect, failures are still reported, without names)
+    control = None
+    if group is not None:
+        with contextlib.suppress(RuntimeError):
+            control = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
+    together, reporting = True, []
+    restore = _stop_on_sigterm(reporting) if group is not None and not quiet else None
     try:
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             return fn(*args, **kwargs)
-    except DistributedError:
+    except Dsv3Error:
         if quiet:
-            return 2  # rank 0 prints the failing rank's message once
+            return 2  # rank 0 prints the message once
         raise
+    except RuntimeError as e:
+        if group is None or not _is_comm_error(e):
+            raise  # a bug, not a lost rank: keep its traceback
+        reporting.append(True)
+        together = False  # a rank is gone: a farewell barrier would only wait out the timeout again
+        err = _lost_ranks_error(e, group, control)
+        if quiet:
+            return 2
+        raise err from None
     finally:
-        shutdown(group)
+        if restore is not None:
+            restore()
+        shutdown(group, together=together)
+
+
+def _stop_on_sigterm(reporting: list):
+    """On rank 0: turn torchrun's SIGTERM (sent when another rank exited, e.g. was killed) into a failed
+    collective, so that rank 0 still says which rank is gone instead of dying silently; while it is
+    already reporting, the SIGTERM waits for the report. Returns the function that restores the handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        if not reporting:
+            raise torch.distributed.DistError("SIGTERM from torchrun (it stops every worker once one has exited)")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _is_comm_error(e: RuntimeError) -> bool:
+    """A failed collective (gloo raises plain RuntimeErrors naming its sources; NCCL a DistError)."""
+    return isinstance(e, torch.distributed.DistError) or "/gloo/" in str(e)
+
+
+def _lost_ranks_error(e: RuntimeError, group, control, grace_s: float = 5.0) -> DistributedError:
+    """After a failed collective: every rank that is still alive tells rank 0 so over `control`; rank 0
+    waits up to `grace_s` (at most the timeout) for them and names the ranks that did not report back.
+
+    The ranks still alive are all blocked in the same step's collectives, so their own timeouts fire
+    within about one step of rank 0's: a few seconds of grace reach all of them.
+    """
+    import torch.distributed as dist
+
+    rank, world, timeout = dist.get_rank(group), dist.get_world_size(group), dist_timeout_s()
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # gloo's "[.../pair.cc:553] Connection closed by peer [addr]:port. This is typically caused by ...":
+    # keep the what, drop the source position and the boilerplate advice
+    cause = re.split(r"\. (?=[A-Z])", re.sub(r"^\[[^\]]*\] ", "", cause))[0]
+    if control is None:
+        return DistributedError(f"a collective failed (DSV3_DIST_TIMEOUT = {timeout:g} s; a rank stopped or died, "
+                                f"which one is unknown: no control group): {cause}", rank=rank)
+    if rank != 0:
+        with contextlib.suppress(Exception):  # rank 0 may be the one that is gone
+            dist.send(torch.tensor([rank]), dst=0, group=control)
+        return DistributedError(cause, rank=rank)
+    deadline = time.monotonic() + min(grace_s, timeout)
+    works, missing = {}, []
+    for r in range(1, world):
+        try:
+            works[r] = dist.irecv(torch.zeros(1, dtype=torch.long), src=r, group=control)
+        except Exception:  # noqa: BLE001 - that rank's connection is already closed: it died
+            missing.append(r)
+    for r, w in works.items():
+        try:
+            w.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
+        except Exception:  # noqa: BLE001 - timed out, or that rank's connection closed meanwhile
+            missing.append(r)
+    missing.sort()
+    who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}") if missing else None
+    if who:
+        return DistributedError(f"{who} of {world} did not report back (collectives time out after "
+                                f"DSV3_DIST_TIMEOUT = {timeout:g} s; stopped or died during the run): {cause}")
+    return DistributedError(f"a collective failed on rank 0 though every rank reported back afterwards "
+                            f"(DSV3_DIST_TIMEOUT = {timeout:g} s): {cause}")
 
 
 def shared_seed(seed: int | None, group) -> int | None:
@@ -447,10 +618,12 @@ def broadcast_object(obj, group, src: int = 0):
     return box[0]
 
 
-def shutdown(group) -> None:
+def shutdown(group, together: bool = True) -> None:
+    """Tear the default group down; `together=False` skips the farewell barrier (a rank is gone)."""
     if group is not None and torch.distributed.is_initialized():
         # leave together: a rank that tears down its store/threads while another still talks to them
         # can abort the other at exit
-        with contextlib.suppress(Exception):
-            torch.distributed.barrier(group)
+        if together:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier(group)
         torch.distributed.destroy_process_group()

@@ -147,7 +147,9 @@ def test_valid_world_sizes():
     assert 32 in valid_world_sizes(ModelArgs.preset("671B").replace(dtype="bf16"))
     with pytest.raises(ConfigError, match=r"n_heads = 128 is not divisible by 3.*Valid world sizes: 1, 2, 4, 8, 16"):
         check_world_size(ModelArgs.preset("671B"), 3)
-    with pytest.raises(ConfigError, match="not a multiple of the FP8 block size 128.*Valid world sizes: 1, 2, 4, 8, 16$"):
+    # 32 ranks cut FP8 blocks: the message gives both lists (as stored, and dequantised at load)
+    with pytest.raises(ConfigError, match=r"not a multiple of the FP8 block size 128.*Valid world sizes with FP8 "
+                                          r"weights: 1, 2, 4, 8, 16; dequantised at load .*: 1, 2, 4, 8, 16, 32,"):
         check_world_size(ModelArgs.preset("671B"), 32)
 
 
@@ -252,7 +254,7 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        with pytest.raises(DistributedError, match=r"rank 0 of 1 failed: .*1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
+        with pytest.raises(DistributedError, match=r"1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
             load_model_parallel(bad, dist.group.WORLD)
     finally:
         dist.destroy_process_group()

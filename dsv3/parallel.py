@@ -242,11 +242,12 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                dtype: torch.dtype | None, device, check_weights: bool = False) -> nn.Module:
     from safetensors import safe_open
 
-    from dsv3.checkpoint import _LAYER_PREFIX, check_finite, hf_to_dsv3, weight_map
+    from dsv3.checkpoint import _LAYER_PREFIX, check_finite, compute_dtype, hf_to_dsv3, scan, weight_map
     from dsv3.fp8 import weight_dequant
     from dsv3.model import Transformer
 
     wm = weight_map(path)
+    cast_to = dtype or compute_dtype(scan(path).values())  # one compute dtype, as load_model (headers only)
     with torch.device("meta"):
         model = Transformer(args)
     shard_model(model, rank, world)
@@ -342,9 +343,9 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                     if s_hf is None:
                         raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
                     t = dequant(t, s_hf, dim, tuple(expected[ours].shape))
-                elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
                         and not ours.endswith((".scale", "gate.bias")):
-                    t = t.to(dtype)
+                    t = t.to(cast_to)
             except Dsv3Error:
                 raise
             except Exception as e:

@@ -230,3 +230,18 @@ def test_a_stray_float_dtype_is_cast_at_load(odd, bf16_tok, copy_ckpt):
     assert {p.dtype for n, p in got.named_parameters() if not n.endswith(("gate.bias", ".scale"))} == {torch.bfloat16}
     x = torch.tensor([[1, 5, 9, 2]])
     assert torch.equal(got(x), ref(x))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_stray_float_dtype_under_torchrun_equals_one_process(bf16_tok, copy_ckpt):
+    ckpt = copy_ckpt(bf16_tok)
+    _rewrite(ckpt, "model.layers.0.mlp.down_proj.weight", lambda t: t.to(torch.float32))  # a sharded tensor
+    argv = ["--ckpt", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"]
+    one = run_dsv3("generate", *argv)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dsv3.generate", *argv], capture_output=True, text=True, timeout=300,
+                         env=cli_env(DSV3_DIST_BACKEND="gloo", DSV3_DIST_TIMEOUT="60"))
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout.strip().splitlines()[-1]) == json.loads(one.stdout)

@@ -74,7 +74,7 @@ def test_help_and_generate(base):
 
 
 def test_chat_on_scripted_stdin(base):
-    r = _run(base, "chat", "--max-new-tokens", "5", stdin="Good morrow.\n/clear\nHow now?\n/exit\n")
+    r = _run(base, "chat", "--max-new-tokens", "5", stdin="Good morrow.\nHow now?\n/exit\n")
     assert len([ln for ln in r.stdout.splitlines() if ln.strip()]) == 2  # one reply per turn
 
 

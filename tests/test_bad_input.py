@@ -234,14 +234,18 @@ def test_a_stray_float_dtype_is_cast_at_load(odd, bf16_tok, copy_ckpt):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_stray_float_dtype_under_torchrun_equals_one_process(bf16_tok, copy_ckpt):
+def test_a_stray_float_dtype_under_torchrun_is_cast_too(bf16_tok, copy_ckpt):
+    """Under torchrun each rank casts the stray tensor back to bf16 (an exact round trip), so 2 ranks give what
+    2 ranks give on the all-bf16 checkpoint (bf16 partial sums make 2 ranks differ from 1 process slightly)."""
     ckpt = copy_ckpt(bf16_tok)
     _rewrite(ckpt, "model.layers.0.mlp.down_proj.weight", lambda t: t.to(torch.float32))  # a sharded tensor
-    argv = ["--ckpt", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"]
-    one = run_dsv3("generate", *argv)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "dsv3.generate", *argv], capture_output=True, text=True, timeout=300,
-                         env=cli_env(DSV3_DIST_BACKEND="gloo", DSV3_DIST_TIMEOUT="60"))
-    assert two.returncode == 0, two.stderr
-    assert json.loads(two.stdout.strip().splitlines()[-1]) == json.loads(one.stdout)
+
+    def two_ranks(path: Path) -> dict:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "dsv3.generate", "--ckpt", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                            "--json"], capture_output=True, text=True, timeout=300,
+                           env=cli_env(DSV3_DIST_BACKEND="gloo", DSV3_DIST_TIMEOUT="60"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    assert two_ranks(ckpt) == two_ranks(bf16_tok)

@@ -136,18 +136,19 @@ def test_try_it_commands_from_the_docs_give_the_single_process_tokens():
 
 # ---------------------------------------------------------------------- usage errors, once
 @pytest.mark.parametrize("argv, needles", [
-    (["--temperature", "-1", "ROMEO:"], ["temperature must be >= 0"]),
+    (["--temperature", "-1", "ROMEO:"], ["argument --temperature", "finite number >= 0"]),
     ([], ["no prompt"]),
     (["--ckpt", "/nonexistent/ckpt", "ROMEO:"], ["/nonexistent/ckpt", "expected a Hugging Face checkpoint"]),
 ], ids=["bad-value", "no-prompt", "bad-ckpt"])
 def test_usage_error_printed_once_by_rank_0(argv, needles):
-    """The same line a single process prints, once (rank 0), every rank exiting with 2."""
+    """The same line a single process prints, once (rank 0), every rank exiting with 2 (or stopped by torchrun)."""
     one = run_dsv3("generate", *argv, env=_env(), timeout=120)
     line = assert_user_error(one, *needles)
     p = torchrun("-m", "dsv3.generate", *argv, timeout=120)
     assert assert_one_dsv3_line(p, *needles) == line
     codes = re.findall(r"exitcode\s*: (-?\d+)", p.stderr)  # torchrun's report, one entry per failed rank
-    assert codes and set(codes) == {"2"}, p.stderr[-3000:]
+    # a rank that exits 2 first makes torchrun SIGTERM the others (-15) if they have not exited yet: a race
+    assert "2" in codes and set(codes) <= {"2", "-15"}, p.stderr[-3000:]
 
 
 def test_dsv3_launch_ends_a_usage_error_with_one_line_and_exit_2():
@@ -155,7 +156,7 @@ def test_dsv3_launch_ends_a_usage_error_with_one_line_and_exit_2():
     cmd = [sys.executable, "-m", "dsv3.launch", "--standalone", "--nproc-per-node=2", "-m", "dsv3.generate",
            "--temperature", "-1", "ROMEO:"]
     p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert_user_error(p, "temperature must be >= 0")
+    assert_user_error(p, "argument --temperature", "finite number >= 0")
 
 
 # ---------------------------------------------------------------------- --check-weights
@@ -173,8 +174,9 @@ def test_check_weights_names_a_nan_only_rank_1_reads(tmp_path):
     assert_user_error(one, name, shard.name, "NaN/Inf")
     p = torchrun("-m", "dsv3.generate", *args)
     assert_one_dsv3_line(p, "rank 1 of 2 failed", name, shard.name, "NaN/Inf", "rank 1's slice")
-    ok = torchrun("-m", "dsv3.generate", *args[:-1])  # without the flag the run goes through (NaN and all)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    # without the flag nothing scans the weights, but the first non-finite logits stop generation, on every rank
+    p = torchrun("-m", "dsv3.generate", *args[:-1])
+    assert_one_dsv3_line(p, "non-finite logits")
 
 
 # ---------------------------------------------------------------------- a rank stopped or killed mid-decode

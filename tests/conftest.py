@@ -65,6 +65,24 @@ def force_attn_path(monkeypatch, path: str) -> str:
 
 
 @pytest.fixture
+def mtp_runs(monkeypatch):
+    """Records the stats of every `dsv3.speculative.generate_mtp` call made in this test (a list of dicts:
+    drafted, accepted, forwards, new tokens), so a command's `--mtp` can be shown to draft and accept."""
+    import dsv3.speculative as spec
+
+    runs, real = [], spec.generate_mtp
+
+    def spy(*args, **kw):
+        stats = {}
+        out = real(*args, **{**kw, "stats": stats})
+        runs.append({**stats, "new_tokens": sum(len(o) for o in out)})
+        return out
+
+    monkeypatch.setattr(spec, "generate_mtp", spy)
+    return runs
+
+
+@pytest.fixture
 def make_model():
     """make_model(preset_or_args="tiny", seed=0, dtype=torch.float32, **overrides) -> Transformer in eval mode."""
 

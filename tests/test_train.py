@@ -185,6 +185,7 @@ def test_resume_with_other_steps_is_refused(corpus, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -193,14 +194,23 @@ def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(out), "--data", str(corpus), "--vocab-size", "300",
            "--config", "tiny", "--steps", "100000", "--batch-size", "2", "--seq-len", "24", "--save-every", "100000",
-           "--eval-every", "100000", "--eval-windows", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "tokenizer_config.json").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)  # a few steps
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+           "--eval-every", "100000", "--eval-windows", "2"]
+    # progress goes to a file we can poll (tqdm redraws "step/total" on stderr at least once a second): SIGINT is
+    # sent once a step has completed -- a condition, not a guessed sleep -- so the handler is in place
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as errf:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=errf, text=True)
+        deadline, done = time.monotonic() + 300, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [int(n) for n in re.findall(r"(\d+)/100000", log.read_text(errors="replace"))]
+            if done and max(done) >= 1:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert done and max(done) >= 1, "no training step finished before the deadline"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 130, err
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert 1 <= state["step"] < 100000

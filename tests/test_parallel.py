@@ -21,7 +21,7 @@ from safetensors import safe_open
 from tiny_ckpt import tiny_args, write_tiny_checkpoint
 
 from dsv3 import load_model
-from dsv3.checkpoint import dsv3_to_hf
+from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3
 from dsv3.errors import ConfigError
 from dsv3.generation import generate
 from dsv3.parallel import check_world_size, shard_model, valid_world_sizes
@@ -124,6 +124,14 @@ def test_hand_written_shard_dims_cover_what_they_should():
     # embed + head; q_b, kv_b, o_proj in 3 layers + the MTP block; the dense MLP; 2 MoE layers' + the MTP block's
     # shared expert -- each FP8 Linear with its weight_scale_inv
     assert sum(_tp_dim(n) is not None for n in names) == 2 + 4 * 3 * 2 + 3 * 2 + 3 * 3 * 2 == 50
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_name_table_splits_what_the_hand_written_table_splits(fp8):
+    """The loader's name table (which dim each tensor is split on) against TP_DIMS: in-process, no torchrun."""
+    args = tiny_args(fp8=fp8)
+    for hf in dsv3_to_hf(args).values():
+        assert hf_to_dsv3(hf, args)[1] == _tp_dim(hf), hf
 
 
 def test_rank_slices_equal_slices_of_full_tensors(parallel_run, ckpts):

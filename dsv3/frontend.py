@@ -155,7 +155,7 @@ def _config_eos(path: Path) -> int | None:
 # ---------------------------------------------------------------------- prompts
 def parse_ids(s: str, where: str = "--prompt-ids") -> list[int]:
     try:
-        return [int(t) for t in s.replace(" ", "").split(",") if t]
+        return [int(t) for t in s.split(",") if t.strip()]  # int() allows the spaces around a number, not inside
     except ValueError:
         raise UsageError(f"{where} {s!r}: expected comma-separated integers like 5,17,300") from None
 

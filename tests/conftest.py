@@ -23,6 +23,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from dsv3.config import ModelArgs  # noqa: E402
+from dsv3.mla import MLA  # noqa: E402
 from dsv3.model import Transformer  # noqa: E402
 from dsv3.testing import tiny_hf_args, write_checkpoint  # noqa: E402
 
@@ -45,6 +46,40 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         else:
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     return model
+
+
+# Every attention code path: naive, and absorbed with each branch of `MLA.expanding_pays` forced --
+# "latent" (scores against the cached latents: every decode step) and "expanded" (SDPA on K/V expanded
+# from the latents: long prefills). Left to itself the choice depends on s, so a test at one length
+# would check only one branch.
+ATTN_PATHS = ["naive", "latent", "expanded"]
+
+
+def force_attn_path(monkeypatch, path: str) -> str:
+    """Force `path` for the rest of the test (monkeypatch undoes it); return the attn_impl to build with."""
+    if path == "naive":
+        return "naive"
+    expand = {"latent": False, "expanded": True}[path]
+    monkeypatch.setattr(MLA, "expanding_pays", lambda self, s: expand)
+    return "absorb"
+
+
+@pytest.fixture
+def mtp_runs(monkeypatch):
+    """Records the stats of every `dsv3.speculative.generate_mtp` call made in this test (a list of dicts:
+    drafted, accepted, forwards, new tokens), so a command's `--mtp` can be shown to draft and accept."""
+    import dsv3.speculative as spec
+
+    runs, real = [], spec.generate_mtp
+
+    def spy(*args, **kw):
+        stats = {}
+        out = real(*args, **{**kw, "stats": stats})
+        runs.append({**stats, "new_tokens": sum(len(o) for o in out)})
+        return out
+
+    monkeypatch.setattr(spec, "generate_mtp", spy)
+    return runs
 
 
 @pytest.fixture

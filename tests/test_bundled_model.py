@@ -143,3 +143,13 @@ def test_generate_command_uses_the_bundled_model_by_default():
     out = json.loads(plain.stdout)
     assert len(out["tokens"][0]) == 12 and out["text"][0].strip()
     assert json.loads(spec.stdout) == out
+
+
+def test_generate_mtp_on_the_bundled_model_accepts_drafts(mtp_runs, capsys):
+    """--mtp is not ignored: the bundled model's MTP module drafts and most drafts are accepted."""
+    from dsv3.cli import main
+
+    assert main(["generate", "To be, or not to be", "--max-new-tokens", "12", "--json", "--mtp"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"][0]) == 12
+    assert len(mtp_runs) == 1, "--mtp did not run speculative decoding"
+    assert mtp_runs[0]["accepted"] > 0 and mtp_runs[0]["forwards"] < mtp_runs[0]["new_tokens"], mtp_runs[0]

@@ -33,14 +33,29 @@ def test_text_prompt_streams_the_library_output(fp8_ckpt):
 
 
 def test_streaming_writes_tokens_as_they_come(fp8_ckpt, capsys, monkeypatch):
-    writes = []
+    """Each piece is written while generation is still running: every write is tagged with the number of
+    model forwards done so far, and the text arrives spread over the decode steps, not in one final print."""
     import sys
 
-    monkeypatch.setattr(sys.stdout, "write", lambda s: writes.append(s) or len(s))
+    from dsv3.model import Transformer
+
+    forwards, writes = [0], []
+    real_forward = Transformer.forward
+
+    def counting_forward(self, *a, **kw):
+        forwards[0] += 1
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", counting_forward)
+    monkeypatch.setattr(sys.stdout, "write", lambda s: writes.append((forwards[0], s)) or len(s))
     assert main(["generate", "--ckpt", str(fp8_ckpt), "Once upon a time", "--max-new-tokens", "8"]) == 0
+    total = forwards[0]
     out, text = _expected(fp8_ckpt, ["Once upon a time"], 8)
-    assert "".join(writes) == text[0] + "\n"
-    assert 2 <= len(writes) <= len(out[0]) + 2  # piece by piece (+ flush + newline), not one final write
+    assert "".join(s for _, s in writes) == text[0] + "\n"
+    assert len(out[0]) == 8 and total == 8  # prefill + 7 decode steps (the last token needs no forward)
+    steps = {n for n, s in writes if s.strip()}
+    assert len(steps) >= 4, writes  # text written after at least 4 different steps
+    assert min(steps) < total / 2, writes  # the first words came out early
 
 
 def test_json_two_prompts_and_sampling(fp8_ckpt, capsys):

@@ -51,7 +51,8 @@ def test_transformers_loads_the_bf16_output(fp8_ckpt, tmp_path):
     ours = load_model(dst, dtype=torch.float32)
     with torch.no_grad():
         ref, out = hf(TOKENS).logits.float(), ours(TOKENS)
-    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    # measured 7.5e-7 (max-abs and norm); see RTOL in test_parity_transformers.py for why 5e-6
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-6
 
 
 def test_fp8_fp32_fp8_round_trip_is_exact(fp8_ckpt, tmp_path):

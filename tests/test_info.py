@@ -56,13 +56,14 @@ def test_671B_per_layer_counts():
 
     with torch.device("meta"):
         dense, moe = Block(0, args), Block(3, args)
+        embed = torch.nn.Embedding(args.vocab_size, args.dim)
     assert n(dense.attn) == 187_107_328
     assert n(dense) == 583_483_392  # attention + MLP + two norms
     assert n(moe) == 11_507_286_272
     assert n(moe.ffn.experts[0]) == 44_040_192
     active = n(moe) - (args.n_routed_experts - args.n_activated_experts) * 44_040_192
     assert active == 585_318_656
-    assert 129_280 * 7168 == 926_679_040  # embedding = head
+    assert n(embed) == 926_679_040  # embedding (= head): 129,280 x 7,168 from the reference
 
 
 def test_info_text_and_json_for_tiny(capsys):
@@ -77,15 +78,25 @@ def test_info_text_and_json_for_tiny(capsys):
 
 
 def test_info_counts_match_a_real_model(make_model):
-    """On tiny, info's counts are those of the parameters a real (non-meta) model allocates."""
-    args = ModelArgs.preset("tiny")
-    model = make_model()
+    """On tiny, info's counts are hand counts of the tensors (shapes from the preset, multiplied out here),
+    and those of the parameters a real (non-meta) model allocates."""
+    args = ModelArgs.preset("tiny")  # m 96, f 192, expert f 48, v 512, h 3, q 40, c 32, d 24, r 16, e 16, k 4
+    attn = 40 * 96 + 40 + 3 * 40 * 40 + 96 * 48 + 32 + 32 * 3 * 48 + 3 * 24 * 96  # wq_a q_norm wq_b wkv_a kv_norm wkv_b wo
+    assert attn == 24_840
+    expert = 3 * 96 * 48  # w1 w2 w3
+    dense = attn + 2 * 96 + 3 * 96 * 192  # + attn/ffn norms + MLP
+    moe = attn + 2 * 96 + 16 * 96 + 16 + 16 * expert + expert  # gate weight, bias, 16 routed, 1 shared
+    total = 2 * 512 * 96 + 96 + dense + 2 * moe  # embed, head, final norm, 1 dense + 2 MoE layers
+    assert (dense, moe, total) == (80_328, 261_592, 701_912)
     got = info(args)
+    assert got["total_params"] == total
+    assert got["active_params"] == total - 2 * (16 - 4) * expert == 370_136
+    assert got["mtp_params"] == 2 * 96 + 2 * 96 * 96 + moe + 96 == 280_312  # enorm hnorm eh_proj, a MoE block, norm
+    assert got["kv_cache_bytes_per_token"] == 2 * 3 * (32 + 16) == 288  # bf16, 3 layers, latent + rope key
+    assert got["kv_cache_bytes_per_token_naive"] == 2 * 3 * 3 * (24 + 16 + 24)
+    model = make_model()
     main_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp."))
-    assert got["total_params"] == main_params
-    assert got["mtp_params"] == sum(p.numel() for p in model.mtp.parameters())
-    expert = sum(p.numel() for p in model.layers[-1].ffn.experts[0].parameters())
-    n_moe = sum(args.is_moe_layer(i) for i in range(args.n_layers))
-    assert got["active_params"] == main_params - n_moe * (args.n_routed_experts - args.n_activated_experts) * expert
+    assert main_params == total
+    assert sum(p.numel() for p in model.mtp.parameters()) == got["mtp_params"]
     cache = model.new_cache(1, 10, dtype=torch.bfloat16)
     assert sum(c.nbytes() for c in cache.layers) == 10 * got["kv_cache_bytes_per_token"]

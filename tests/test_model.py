@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import force_attn_path  # tests/ is on sys.path under pytest
 
 import dsv3
 from dsv3.config import ModelArgs
@@ -16,10 +17,11 @@ def _tokens(b: int, s: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
-def test_absorbed_equals_naive_model(make_model, attn_impl):
+@pytest.mark.parametrize("attn_path", ["latent", "expanded"])
+def test_absorbed_equals_naive_model(make_model, attn_path, monkeypatch):
     ref = make_model(seed=1, attn_impl="naive")
-    model = make_model(seed=1, attn_impl=attn_impl)
+    model = make_model(seed=1, attn_impl=force_attn_path(monkeypatch, attn_path))
+    assert model.args.attn_impl == "absorb" and ref.args.attn_impl == "naive"  # two different code paths
     tokens = _tokens(2, 30, ref.args.vocab_size, 0)
     with torch.no_grad():
         a, b = model(tokens), ref(tokens)

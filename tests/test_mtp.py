@@ -1,5 +1,5 @@
 """MTP module parity: dsv3's `forward_mtp` against transformers' `MtpModel` (DeepseekV3) on tiny
-random checkpoints, float32, 1e-4 relative.
+random checkpoints, float32, 5e-6 relative (see RTOL).
 
 dsv3 builds the random model and writes it in the release layout (`dsv3.train.save_checkpoint`:
 the MTP layer at `model.layers.{n_layers}` with its own copies of embedding and head);
@@ -27,7 +27,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 from transformers.modeling_layers import MtpModel  # noqa: E402
 
-RTOL = 1e-4
+# measured 5.1-6.0e-7 (main logits), 6.8-7.6e-7 (MTP logits, depth 1 and 2) relative in norm: float32
+# rounding of the same sums in another order. 5e-6: ~7x margin; a 10x wrong RMSNorm eps fails it.
+RTOL = 5e-6
 
 CONFIGS = {
     "tiny": dict(),  # q-LoRA, 4 groups / 2 kept, sigmoid + bias, YaRN, 1 dense layer

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from test_sampling import chi2, chi2_critical, reference_probs_rows  # tests/ is on sys.path under pytest
 
 from dsv3 import ModelArgs, Transformer, UsageError, generate
-from dsv3.generation import sampling_probs
 from dsv3.speculative import generate_mtp, verify
 
 
@@ -70,36 +70,32 @@ def test_verify_keeps_the_target_distribution():
     assert abs(acc.double().mean() - torch.minimum(p, q).sum()) < 0.006  # P(accept) = Σ min(p, q)
 
 
-def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs.double() * counts.sum()
-    keep = expected > 0
-    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
-    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-
-
-@pytest.mark.parametrize("top_k", [0, 3])
-def test_sampling_distribution_unchanged(top_k):
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.75)])
+def test_sampling_distribution_unchanged(top_k, top_p):
     """Two new tokens, drawn N times with MTP speculation: their joint distribution matches the
-    exact one computed from the main model alone (chi-square at p = 0.001)."""
+    exact one computed from the main model alone with the float64 reference of the sampling
+    definitions (tests/test_sampling.py, not dsv3's `sampling_probs`), chi-square at p = 0.001."""
     vocab, temperature = 5, 1.3
     m = model_with(vocab, 1)
     prompt = [1, 2, 3]
     with torch.no_grad():
-        p1 = sampling_probs(m(torch.tensor([prompt]))[:, -1], temperature, 1.0, top_k)[0]
+        p1 = reference_probs_rows(m(torch.tensor([prompt]))[:, -1], temperature, top_p, top_k)[0]
         seqs = torch.tensor([prompt + [i] for i in range(vocab)])
-        p2 = sampling_probs(m(seqs)[:, -1], temperature, 1.0, top_k)  # (v, v): row i = p(t2 | t1 = i)
+        p2 = reference_probs_rows(m(seqs)[:, -1], temperature, top_p, top_k)  # (v, v): row i = p(t2 | t1 = i)
     joint = (p1[:, None] * p2).flatten()
+    if top_p < 1:  # the nucleus did cut tokens, at both steps
+        assert (p1 == 0).any() and (p2 == 0).any()
     n = 500
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
     accepted = 0
     for s in range(n):
         stats = {}
-        t1, t2 = generate_mtp(m, [prompt], 2, temperature=temperature, top_k=top_k, seed=s, stats=stats)[0]
+        t1, t2 = generate_mtp(m, [prompt], 2, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
+                              stats=stats)[0]
         counts[t1 * vocab + t2] += 1
         accepted += stats["accepted"]
-    df = int((joint > 0).sum()) - 1
-    critical = {24: 51.18, 8: 26.12}[df]  # chi-square 0.999 quantiles
-    assert _chi2(counts, joint) < critical
+    stat, df = chi2(counts, joint)
+    assert stat < chi2_critical(df), (stat, df)
     assert accepted > n // 10  # drafts were accepted, so both paths were sampled
 
 
@@ -121,3 +117,19 @@ def test_cli_mtp_flag_gives_the_same_greedy_tokens():
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     spec = subprocess.run(cmd + ["--mtp"], capture_output=True, text=True, env=env, check=True)
     assert json.loads(spec.stdout) == json.loads(plain.stdout)
+
+
+def test_cli_mtp_flag_drafts_and_accepts_when_sampling(mtp_runs, capsys):
+    """In-process on the bundled (trained) model, sampling: --mtp really decodes speculatively -- drafts
+    accepted, fewer main forwards than tokens (a random tiny model's drafts are never right)."""
+    from dsv3.cli import main
+
+    argv = ["generate", "--prompt-ids", "5,17,30", "--max-new-tokens", "16", "--json", "--temperature", "0.7",
+            "--seed", "3"]
+    assert main(argv) == 0 and not mtp_runs
+    assert main(argv + ["--mtp"]) == 0
+    assert len(json.loads(capsys.readouterr().out.splitlines()[-1])["tokens"][0]) == 16
+    assert len(mtp_runs) == 1, "--mtp did not run speculative decoding"
+    run = mtp_runs[0]
+    assert run["drafted"] > 0 and run["accepted"] > 0, run
+    assert run["forwards"] < run["new_tokens"], run  # some forwards yielded two tokens

@@ -79,6 +79,7 @@ def test_bias_update_balances_a_skewed_gate():
 
     stats = tr.RouterStats(Holder())
     ratios = []
+    w_before = gate.weight.clone()
     for _ in range(300):
         stats.reset()
         gate(torch.randn(512, args.dim, generator=g) + 1.0)  # a fresh batch of tokens each step
@@ -87,7 +88,6 @@ def test_bias_update_balances_a_skewed_gate():
     assert ratios[0] > 2.5  # badly unbalanced at the start
     # the bias alone brought the busiest expert near the mean (sampling noise alone gives ~1.3 here)
     assert sum(ratios[-50:]) / 50 < 0.6 * ratios[0] and sum(ratios[-50:]) / 50 < 1.7
-    w_before = gate.weight.clone()
     assert torch.equal(gate.weight, w_before)  # only the bias moved (no gradient involved)
 
 
@@ -185,6 +185,7 @@ def test_resume_with_other_steps_is_refused(corpus, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     import os
+    import re
     import signal
     import subprocess
     import sys

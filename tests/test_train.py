@@ -185,7 +185,6 @@ def test_resume_with_other_steps_is_refused(corpus, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     import os
-    import re
     import signal
     import subprocess
     import sys

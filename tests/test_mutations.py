@@ -7,8 +7,8 @@ child process the tests start -- the CLI, torchrun -- load the mutated package).
 pass the same node ids first, so a failure is the mutation's doing. The mutation strings must occur exactly
 once in their file: a refactoring that moves them fails here loudly instead of silently mutating nothing.
 
-Slow (~1.5-2 minutes on 2 cores, two runs at a time), so opt-in -- the CI command runs every test file, slow ones included:
-`DSV3_MUTATIONS=1 pytest -q tests/test_mutations.py`.
+Slow (~1.5-2 minutes on 2 cores, two runs at a time), and part of CI: a skipped mutation run would prove
+nothing. `pytest -q -m "not slow"` leaves it out while iterating.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("DSV3_MUTATIONS") != "1",
-                                 reason="mutation run (~2 min): set DSV3_MUTATIONS=1 to run it")]
+pytestmark = pytest.mark.slow
 
 # name: (file, old, new, node ids that must fail -- relative to tests/)
 MUTATIONS = {

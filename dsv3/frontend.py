@@ -228,31 +228,33 @@ def decode_mode(ns) -> str:
     return "+".join(on) or "readable"
 
 
+def check_generate_args(ns, lead: bool = True):
+    """Every check `dsv3 generate` can make before loading; returns the prompts (read by rank 0 only)."""
+    check_sampling_args(ns)
+    if ns.mtp and (ns.compile or ns.cuda_graph):
+        raise UsageError("--mtp (speculative decoding) runs on the readable path: drop --compile/--cuda-graph")
+    if ns.cuda_graph and (ns.device or ("cuda" if _cuda_available() else "cpu")) == "cpu":
+        raise UsageError("--cuda-graph needs a CUDA device (this run is on the CPU)")
+    if not lead:
+        return None  # rank 0 owns the inputs and the output file; the others get the prompts by broadcast
+    if ns.output:
+        check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
+    prompts = read_prompts(ns)
+    if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
+        if not (Path(ns.ckpt) / "tokenizer.json").is_file() and (Path(ns.ckpt) / "config.json").is_file():
+            raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
+    return prompts
+
+
 def main_generate(ns) -> int:
     from dsv3 import parallel
     from dsv3.generation import generate
 
     group = parallel.current_group()
     lead = parallel.rank_of(group) == 0
-
-    def checks():  # before loading: a bad argument or file fails fast
-        check_sampling_args(ns)
-        if ns.mtp and (ns.compile or ns.cuda_graph):
-            raise UsageError("--mtp (speculative decoding) runs on the readable path: drop --compile/--cuda-graph")
-        if ns.cuda_graph and (ns.device or ("cuda" if _cuda_available() else "cpu")) == "cpu":
-            raise UsageError("--cuda-graph needs a CUDA device (this run is on the CPU)")
-        if not lead:
-            return None  # rank 0 owns the inputs and the output file; the others get the prompts by broadcast
-        if ns.output:
-            check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
-        prompts = read_prompts(ns)
-        if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
-            if not (Path(ns.ckpt) / "tokenizer.json").is_file() and (Path(ns.ckpt) / "config.json").is_file():
-                raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
-        return prompts
-
-    # under torchrun every rank learns of a failed check, so none waits in a collective for the others
-    prompts = parallel.checked_on_every_rank(checks, group)
+    # before loading, a bad argument or file fails fast; under torchrun every rank learns of a failed
+    # check, so none waits in a collective for the others
+    prompts = parallel.checked_on_every_rank(lambda: check_generate_args(ns, lead), group)
     model, tok, eos = load(ns)
     # rank 0 owns the inputs: every rank generates from rank 0's prompts and, when sampling, its seed
     prompts = parallel.broadcast_object(prompts, group)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,9 +20,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        # under torchrun every rank parses the same argv: only rank 0 speaks
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if os.environ.get("RANK", "0") == "0"
-                  else None)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

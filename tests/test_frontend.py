@@ -111,7 +111,7 @@ def test_decode_mode(compile_, graph, mode):
     assert mode == "readable" or mode in DecodeRunner.MODES  # every mode it names exists
 
 
-@pytest.mark.parametrize("kw,match", [(dict(temperature=-0.1), "temperature must be >= 0"),
+@pytest.mark.parametrize("kw,match", [(dict(temperature=-0.1), "temperature must be a finite number >= 0"),
                                       (dict(top_p=0.0), "top_p must be in"), (dict(top_p=1.5), "top_p must be in"),
                                       (dict(top_k=-1), "top_k must be >= 0"),
                                       (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),

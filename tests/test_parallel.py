@@ -242,7 +242,7 @@ def test_failing_rank_stops_every_rank(how, ckpts, tmp_path):
     assert r.returncode != 0
     if how == "corrupt":
         assert r.stderr.count("dsv3 generate: error:") == 1, r.stderr[-2000:]
-        assert "model-00003-of-00003.safetensors" in r.stderr and "truncated" in r.stderr, r.stderr[-2000:]
+        assert "model-00003-of-00003.safetensors: corrupted safetensors header" in r.stderr, r.stderr[:3000]
     else:
         assert "missing" in r.stderr and "model-00003-of-00003.safetensors" in r.stderr, r.stderr[-2000:]
     # torchrun itself reports the failed child with its own traceback; none comes from dsv3

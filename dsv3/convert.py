@@ -166,7 +166,7 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
     t0 = time.perf_counter()
     src = Path(src)
     dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
-    from dsv3.checkpoint import _progress, check_checkpoint
+    from dsv3.checkpoint import check_checkpoint, progress_bar
 
     plan = check_checkpoint(src)  # every source check before any tensor is read
     shards = _plan_shards(plan, dtype)
@@ -179,7 +179,7 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
     try:
         _remove_stale(dst)
         tmp.mkdir(parents=True)
-        bar = _progress(sum(i.nbytes for i in plan.tensors.values()), progress)
+        bar = progress_bar(sum(i.nbytes for i in plan.tensors.values()), progress)
         bar.set_description("converting")
         n_tensors, total, weight_map = _write_shards(tmp, shards, producer, bar)
         bar.close()
@@ -209,7 +209,8 @@ def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
     0 for the FP8 weight, 1 for its scale)."""
     import torch
 
-    from dsv3.checkpoint import _by_file, is_quantized_in_release
+    from dsv3.checkpoint import is_quantized_in_release
+    from dsv3.safetensors_io import by_file
 
     block = plan.ckpt_args.block_size
     floating = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -239,7 +240,7 @@ def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
                 entries.append((name, info.dtype, info.shape, ("copy", info, None)))
         return entries
 
-    return [(file, infos, out_entries(infos)) for file, infos in _by_file(tensors.values())]
+    return [(file, infos, out_entries(infos)) for file, infos in by_file(tensors.values())]
 
 
 def _check_free_space(dst: Path, shards) -> None:
@@ -263,11 +264,12 @@ class _Producer:
         self.quant_cache: dict[str, tuple] = {}
 
     def read(self, info, fn):
-        from dsv3.checkpoint import ShardReader, _check_finite
+        from dsv3.checkpoint import check_finite
+        from dsv3.safetensors_io import ShardReader
 
         def checked(view):
             if self.check_weights:
-                _check_finite(view, info)
+                check_finite(view, info.file, info.name)
             return fn(view)
         if info.file not in self.readers:
             self.readers[info.file] = ShardReader(info.file)
@@ -391,19 +393,17 @@ def _move_into_place(tmp: Path, dst: Path, old: Path, *, force: bool, guard: _Si
         tmp.rename(dst)
 
 
-_ST_NAMES = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
-             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
 def _write_shard(file: Path, entries, produce) -> int:
     """Write a .safetensors file whose tensors are produced one at a time; returns the data bytes."""
     import torch
+
+    from dsv3.safetensors_io import ST_NAMES
 
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, dt, shape, _ in entries:
         n = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[str(dt).replace("torch.", "")], "shape": list(shape),
+        header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape),
                         "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()

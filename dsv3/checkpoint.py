@@ -95,6 +95,12 @@ _TOP = {hf: (ours, dim) for hf, ours, dim in _TOP_TABLE}
 _LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
 
+def hf_layer_index(hf_name: str) -> int | None:
+    """i for an HF name `model.layers.{i}.…` (a decoder block or an MTP module), else None."""
+    m = _LAYER_PREFIX.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
 def block_shard_dims() -> dict[str, int]:
     """Tensor-parallel shard dim of each Linear inside a block, by its dsv3 path (`attn.wq_b`, `ffn.w2`, ...),
     from the name table; routed experts are not in it (expert parallelism keeps them whole)."""

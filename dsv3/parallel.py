@@ -239,10 +239,7 @@ _EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 
 def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                dtype: torch.dtype | None, device, check_weights: bool = False) -> nn.Module:
-    from safetensors import safe_open
-
-    from dsv3.checkpoint import _LAYER_PREFIX, check_finite, compute_dtype, hf_to_dsv3, scan, weight_map
-    from dsv3.fp8 import weight_dequant
+    from dsv3.checkpoint import compute_dtype, scan, weight_map
     from dsv3.model import Transformer
 
     wm = weight_map(path)
@@ -251,6 +248,40 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         model = Transformer(args)
     shard_model(model, rank, world)
     expected = model.state_dict()
+    todo, scales = _rank_plan(path, args, wm, expected, rank, world)
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        slices = _RankSlices(path, wm, args, rank, world, dtype, check_weights, stack)
+        # file by file, so each shard's pages are touched once
+        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
+            hf_name, dim = todo[ours]
+            fname = wm[hf_name]
+            try:
+                t = slices.read(slices.handle(fname), hf_name, dim, tuple(expected[ours].shape))
+                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
+                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
+                    if s_hf is None:
+                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
+                    t = slices.dequant(t, s_hf, dim, tuple(expected[ours].shape))
+                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                        and not ours.endswith((".scale", "gate.bias")):
+                    t = t.to(cast_to)
+            except Dsv3Error:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
+            state[ours] = t.to(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary._table = None
+    return model.eval()
+
+
+def _rank_plan(path: Path, args: ModelArgs, wm: dict[str, str], expected: dict[str, torch.Tensor],
+               rank: int, world: int) -> tuple[dict[str, tuple[str, int | None]], dict[str, str]]:
+    """(dsv3 name -> (HF name, shard dim) for every tensor this rank reads, dsv3 scale name -> HF name for the
+    FP8 scales dequantised at load); CheckpointError naming the missing and unexpected tensors."""
+    from dsv3.checkpoint import hf_layer_index, hf_to_dsv3
+
     mine = local_experts(args.n_routed_experts, rank, world)
     todo: dict[str, tuple[str, int | None]] = {}  # dsv3 name -> (HF name, shard dim)
     scales: dict[str, str] = {}  # scale of an FP8 weight dequantised at load
@@ -258,8 +289,8 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
     for hf_name in wm:
         r = hf_to_dsv3(hf_name, args)
         if r is None:
-            m = _LAYER_PREFIX.match(hf_name)
-            if not (m and int(m.group(1)) >= args.n_layers + args.n_mtp_layers):
+            layer = hf_layer_index(hf_name)
+            if not (layer is not None and layer >= args.n_layers + args.n_mtp_layers):
                 unexpected.append(hf_name)
             continue
         ours, dim = r
@@ -282,8 +313,33 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                 more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
                 parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
         raise CheckpointError("; ".join(parts))
+    return todo, scales
 
-    def read(f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+
+class _RankSlices:
+    """This rank's slices of the checkpoint's tensors, read with `safe_open(...).get_slice` from shards
+    opened once each (memory-mapped, closed with `stack`)."""
+
+    def __init__(self, path: Path, wm: dict[str, str], args: ModelArgs, rank: int, world: int,
+                 dtype: torch.dtype | None, check_weights: bool, stack: contextlib.ExitStack):
+        self.path, self.wm, self.args, self.rank, self.world = path, wm, args, rank, world
+        self.dtype, self.check_weights, self.stack = dtype, check_weights, stack
+        self.handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
+
+    def handle(self, fname: str):
+        from safetensors import safe_open
+
+        if fname not in self.handles:
+            try:
+                self.handles[fname] = self.stack.enter_context(safe_open(self.path / fname, "pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.path / fname}: cannot read ({e})") from None
+        return self.handles[fname]
+
+    def read(self, f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+        from dsv3.checkpoint import check_finite
+
+        path, rank, world = self.path, self.rank, self.world
         sl = f.get_slice(hf_name)
         full = tuple(sl.get_shape())
         want = list(local_shape)
@@ -296,63 +352,30 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         else:
             n = local_shape[dim]
             t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
-        if check_weights:  # this rank's slice only: together the ranks cover every value once
-            check_finite(t, path / wm[hf_name], hf_name,
+        if self.check_weights:  # this rank's slice only: together the ranks cover every value once
+            check_finite(t, path / self.wm[hf_name], hf_name,
                          "" if dim is None else f" of rank {rank}'s slice (dim {dim}, {rank * n}..{(rank + 1) * n - 1})")
         return t
 
-    def dequant(t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+    def dequant(self, t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
         """This rank's slice `t` of an FP8 weight, dequantised. A slice that starts or ends inside a
         scale block (e.g. 64 of 128 rows) is fine here: the whole scale tensor is tiny, read it all."""
-        bs, out = args.block_size, dtype or torch.bfloat16
+        from dsv3.fp8 import weight_dequant
+
+        bs, out = self.args.block_size, self.dtype or torch.bfloat16
         if dim is None or local_shape[dim] % bs == 0:
-            s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
+            s = self.read(self.handle(self.wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
             return weight_dequant(t, s, bs, out)
         full = list(local_shape)
-        full[dim] *= world
-        s = read(handle(wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
+        full[dim] *= self.world
+        s = self.read(self.handle(self.wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
         rows, cols = torch.arange(t.shape[0]), torch.arange(t.shape[1])
         if dim == 0:
-            rows = rows + rank * t.shape[0]
+            rows = rows + self.rank * t.shape[0]
         else:
-            cols = cols + rank * t.shape[1]
+            cols = cols + self.rank * t.shape[1]
         scale = s[rows // bs][:, cols // bs]  # (rows, cols): each value's block scale
         return (t.float() * scale).to(out)  # as weight_dequant computes it: the same values as one process
-
-    handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
-
-    def handle(fname: str):
-        if fname not in handles:
-            try:
-                handles[fname] = stack.enter_context(safe_open(path / fname, "pt"))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
-        return handles[fname]
-
-    state: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        # file by file, so each shard's pages are touched once
-        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
-            hf_name, dim = todo[ours]
-            fname = wm[hf_name]
-            try:
-                t = read(handle(fname), hf_name, dim, tuple(expected[ours].shape))
-                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
-                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
-                    if s_hf is None:
-                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                    t = dequant(t, s_hf, dim, tuple(expected[ours].shape))
-                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                        and not ours.endswith((".scale", "gate.bias")):
-                    t = t.to(cast_to)
-            except Dsv3Error:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
-            state[ours] = t.to(device)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.rotary._table = None
-    return model.eval()
 
 
 def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -17,6 +17,7 @@ Loading (`load_model`) first checks everything it can without reading tensor dat
 shapes, dtypes, FP8 weights without scales), then streams: shards are memory-mapped
 and each tensor is converted straight from the mapped bytes into its final place and
 its pages released, so resident memory stays within the final model plus one tensor.
+The safetensors headers and shards themselves are read by `dsv3.safetensors_io`.
 """
 
 from __future__ import annotations

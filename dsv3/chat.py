@@ -20,33 +20,33 @@ def add_args(p) -> None:
 
 
 def run(ns) -> int:
-    from dsv3.parallel import run_distributed
+    from dsv3.distributed import run_distributed
 
     return run_distributed(_chat, ns)
 
 
 def _chat(ns) -> int:
-    from dsv3 import parallel
+    from dsv3 import distributed
     from dsv3.errors import UsageError
     from dsv3.frontend import _Printer, check_sampling_args, load
     from dsv3.generation import generate
 
-    group = parallel.current_group()
+    group = distributed.current_group()
 
     def checks():
         check_sampling_args(ns)
-        if parallel.rank_of(group) == 0 and sys.stdin is None:  # started with `<&-`
+        if distributed.rank_of(group) == 0 and sys.stdin is None:  # started with `<&-`
             raise UsageError("standard input is closed: chat reads one turn per line from it")
         if ns.preset:
             raise UsageError("chat needs a tokenizer and chat template: give --ckpt DIR (not --preset)")
 
-    parallel.checked_on_every_rank(checks, group)  # every rank learns of a failed check before any loads
+    distributed.checked_on_every_rank(checks, group)  # every rank learns of a failed check before any loads
     model, tok, eos = load(ns)
     if tok is None:
         raise UsageError(f"{ns.ckpt or 'the bundled model'} has no tokenizer.json: chat needs one")
     tok.apply_chat_template([{"role": "user", "content": "x"}])  # fails now if there is no usable template
-    lead = parallel.rank_of(group) == 0  # owns stdin, stdout and stderr
-    seed = ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group)
+    lead = distributed.rank_of(group) == 0  # owns stdin, stdout and stderr
+    seed = ns.seed if ns.temperature == 0 else distributed.shared_seed(ns.seed, group)
 
     def note(msg: str) -> None:
         if lead:
@@ -62,7 +62,7 @@ def _chat(ns) -> int:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line, err = parallel.broadcast_object(_read_line(line_no) if lead else None, group)
+        line, err = distributed.broadcast_object(_read_line(line_no) if lead else None, group)
         line_no += 1
         if err:  # every rank raises, rank 0 prints
             raise UsageError(err)

@@ -17,16 +17,15 @@ Loading (`load_model`) first checks everything it can without reading tensor dat
 shapes, dtypes, FP8 weights without scales), then streams: shards are memory-mapped
 and each tensor is converted straight from the mapped bytes into its final place and
 its pages released, so resident memory stays within the final model plus one tensor.
+The safetensors headers and shards themselves are read by `dsv3.safetensors_io`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 from dsv3.config import ModelArgs
 from dsv3.errors import CheckpointError
 from dsv3.memory import check_fits
+from dsv3.safetensors_io import ShardReader, TensorInfo, by_file, read_header
 
 # (HF suffix inside a layer, dsv3 suffix inside a block, tensor-parallel shard dim)
 _LAYER_TABLE: list[tuple[str, str, int | None]] = [
@@ -94,6 +94,12 @@ _LAYER_RE = _compile(_LAYER_TABLE)
 _MTP_RE = _compile(_MTP_TABLE)
 _TOP = {hf: (ours, dim) for hf, ours, dim in _TOP_TABLE}
 _LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_layer_index(hf_name: str) -> int | None:
+    """i for an HF name `model.layers.{i}.…` (a decoder block or an MTP module), else None."""
+    m = _LAYER_PREFIX.match(hf_name)
+    return int(m.group(1)) if m else None
 
 
 def block_shard_dims() -> dict[str, int]:
@@ -209,114 +215,6 @@ def default_checkpoint() -> Path:
 BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "dsv3-tiny"
 
 
-# ---------------------------------------------------------------------- safetensors, read by hand
-# Parsing the header ourselves lets every check (names, shapes, dtypes, truncation) run
-# before a single tensor byte is read, and lets the loader drop each tensor's pages from
-# the process as soon as it has been copied (the bound on resident memory).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and absolute byte range."""
-
-    name: str
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """The tensors of one .safetensors file, validated against the file size (no data read)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{file}: corrupted safetensors header (says {n} header bytes, file has {size})")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)") from None
-    base = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = ST_DTYPES[h["dtype"]]
-            shape = tuple(int(d) for d in h["shape"])
-            lo, hi = (int(x) for x in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupted safetensors header entry for {name} ({h!r:.80})") from None
-        want = math.prod(shape) * dtype.itemsize
-        if hi - lo != want:
-            raise CheckpointError(f"{file}: tensor {name} has {hi - lo} bytes, expected {want} for "
-                                  f"{h['dtype']} {list(shape)} (corrupted header)")
-        if base + hi > size:
-            raise CheckpointError(f"{file}: truncated: tensor {name} ends at byte {base + hi}, file has {size} bytes")
-        out[name] = TensorInfo(name, file, dtype, shape, base + lo, base + hi)
-    return out
-
-
-class ShardReader:
-    """One memory-mapped shard; `read` copies a tensor out and releases its pages again."""
-
-    def __init__(self, file: Path):
-        self.file = file
-        self._f = open(file, "rb")
-        # ACCESS_COPY: a private mapping is writable, so torch.frombuffer needs no copy or warning;
-        # nothing is ever written, so no page is ever duplicated.
-        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
-
-    def read(self, info: TensorInfo, fn=None):
-        """fn(view) on a zero-copy view of the tensor (default: a copy of it); fn must not keep the view.
-
-        Giving fn the mapped bytes directly (cast, move to a GPU, compare, dequantise) means no
-        intermediate copy is ever allocated: resident memory grows by the result only.
-        """
-        if info.nbytes == 0:
-            view = torch.empty(info.shape, dtype=info.dtype)
-            return fn(view) if fn else view
-        view = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-        view = view.view(info.dtype).reshape(info.shape)
-        try:
-            return fn(view) if fn else view.clone()
-        finally:
-            del view
-            if hasattr(self._mm, "madvise"):
-                # Drop the file pages from our resident set (the page cache keeps them). The kernel's
-                # fault-around maps up to 64 KiB of neighbours too, hence the margin.
-                margin = 1 << 18
-                lo = max(0, info.start - margin)
-                lo -= lo % mmap.PAGESIZE
-                self._mm.madvise(mmap.MADV_DONTNEED, lo, min(len(self._mm), info.end + margin) - lo)
-
-    def close(self) -> None:
-        try:
-            self._mm.close()
-        except BufferError:  # a view still alive somewhere; the GC unmaps it later
-            pass
-        self._f.close()
-
-
 # ---------------------------------------------------------------------- checks (no tensor read)
 def weight_map(path: Path) -> dict[str, str]:
     """HF tensor name -> shard file name, from the index or the single model.safetensors."""
@@ -422,14 +320,7 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
             raise CheckpointError(f"{path}: {len(scales)} FP8 tensor(s) (e.g. {scales[0]}) but config.json has no "
                                   "quantization_config (expected bf16/fp32 weights, or an FP8 config)")
     if "n_mtp_layers" not in overrides:
-        # transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
-        # tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error).
-        layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, tensors) if m}
-        present = 0
-        while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
-            present += 1
-        if present < ckpt_args.n_mtp_layers:
-            overrides = {**overrides, "n_mtp_layers": present}
+        overrides = _mtp_layers_present(ckpt_args, tensors, overrides)
     mtp_override = "n_mtp_layers" in overrides
     model_over = dict(overrides)
     if dtype is not None and ckpt_args.dtype == "fp8":
@@ -439,8 +330,39 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
     plan = LoadPlan(path, ckpt_args, args, tensors, expected=_meta_state(args))
     ckpt_expected = plan.expected if args is ckpt_args else _meta_state(ckpt_args)
 
+    unexpected = _map_names(plan, ckpt_expected, mtp_override)
+    missing = sorted(set(plan.expected) - set(plan.mapping))
+    if ckpt_args.dtype == "fp8" and args.dtype != "fp8":
+        quantized = {n[: -len(".scale")] + ".weight" for n in ckpt_expected if n.endswith(".scale")}
+        missing += sorted(n[: -len(".weight")] + ".scale" for n in quantized if n not in plan.scales)
+    if missing or unexpected:
+        raise CheckpointError(_missing_message(path, ckpt_args, missing, unexpected))
+    bad = _shape_dtype_problems(plan, ckpt_expected)
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: " + "; ".join(bad[:3]) + more)
+    return plan
+
+
+def _mtp_layers_present(ckpt_args: ModelArgs, tensors: dict[str, TensorInfo], overrides: dict) -> dict:
+    """`overrides` with n_mtp_layers lowered to the MTP modules the checkpoint holds, when it holds fewer.
+
+    transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+    tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error)."""
+    layers_present = {int(m.group(1)) for m in map(_LAYER_PREFIX.match, tensors) if m}
+    present = 0
+    while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
+        present += 1
+    if present < ckpt_args.n_mtp_layers:
+        overrides = {**overrides, "n_mtp_layers": present}
+    return overrides
+
+
+def _map_names(plan: LoadPlan, ckpt_expected: dict[str, torch.Tensor], mtp_override: bool) -> list[str]:
+    """Fill plan.mapping / scales / copies from the checkpoint's HF names; returns the unexpected names."""
+    ckpt_args = plan.ckpt_args
     unexpected: list[str] = []
-    for hf_name in tensors:
+    for hf_name in plan.tensors:
         r = hf_to_dsv3(hf_name, ckpt_args)
         if r is None:
             m = _LAYER_PREFIX.match(hf_name)
@@ -457,14 +379,12 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
             plan.mapping[ours] = hf_name
         else:
             unexpected.append(hf_name)
-    missing = sorted(set(plan.expected) - set(plan.mapping))
-    if ckpt_args.dtype == "fp8" and args.dtype != "fp8":
-        quantized = {n[: -len(".scale")] + ".weight" for n in ckpt_expected if n.endswith(".scale")}
-        missing += sorted(n[: -len(".weight")] + ".scale" for n in quantized if n not in plan.scales)
-    if missing or unexpected:
-        raise CheckpointError(_missing_message(path, ckpt_args, missing, unexpected))
+    return unexpected
 
-    bad: list[str] = []
+
+def _shape_dtype_problems(plan: LoadPlan, ckpt_expected: dict[str, torch.Tensor]) -> list[str]:
+    """Every stored shape or dtype that does not fit config.json: weights, FP8 scales, the MTP copies."""
+    tensors, bad = plan.tensors, []
     for ours, hf_name in plan.mapping.items():
         info, want = tensors[hf_name], ckpt_expected[ours]
         if info.shape != tuple(want.shape):
@@ -479,7 +399,7 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
         winfo = tensors[plan.mapping[ours]]
         if info.shape != tuple(want.shape) or info.dtype != torch.float32:
             bad.append(f"tensor {hf_name} in {info.file.name} is {_dt(info.dtype)} {list(info.shape)}, expected "
-                       f"float32 {list(want.shape)} (one scale per {ckpt_args.block_size}² block)")
+                       f"float32 {list(want.shape)} (one scale per {plan.ckpt_args.block_size}² block)")
         if winfo.dtype != torch.float8_e4m3fn:
             bad.append(f"tensor {plan.mapping[ours]} is {_dt(winfo.dtype)}, expected float8_e4m3fn (it has a scale)")
     for hf_name, main in plan.copies.items():
@@ -487,10 +407,7 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
         if info.shape != tuple(want.shape):
             bad.append(f"tensor {hf_name} in {info.file.name} has shape {list(info.shape)}, expected "
                        f"{list(want.shape)} (a copy of the main model's {main})")
-    if bad:
-        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise CheckpointError(f"{path}: " + "; ".join(bad[:3]) + more)
-    return plan
+    return bad
 
 
 def _dt(d: torch.dtype) -> str:
@@ -568,20 +485,13 @@ def iter_tensors(path: Path, names: dict[str, str] | None = None) -> Iterator[tu
     infos = scan(path)
     if names is not None:
         infos = {n: infos[n] for n in names}
-    for file, group in _by_file(infos.values()):
+    for file, group in by_file(infos.values()):
         reader = ShardReader(file)
         try:
             for info in group:
                 yield info.name, reader.read(info)
         finally:
             reader.close()
-
-
-def _by_file(infos) -> list[tuple[Path, list[TensorInfo]]]:
-    by: dict[Path, list[TensorInfo]] = {}
-    for i in infos:
-        by.setdefault(i.file, []).append(i)
-    return [(f, sorted(v, key=lambda i: i.start)) for f, v in sorted(by.items())]
 
 
 def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -601,68 +511,16 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(plan.args)
-    readers: dict[Path, ShardReader] = {}
-
-    def reader(file: Path) -> ShardReader:
-        if file not in readers:
-            readers[file] = ShardReader(file)
-        return readers[file]
-
-    def read(hf_name: str, fn=None):
-        info = plan.tensors[hf_name]
-
-        def checked(view):
-            if check_weights:
-                _check_finite(view, info)
-            return fn(view) if fn else view.clone()
-
-        return reader(info.file).read(info, checked)
-
+    read = _PlanReader(plan, check_weights)
     cast_to = dtype or plan.compute_dtype
-
-    def target_dtype(ours: str, stored: torch.dtype) -> torch.dtype:
-        if not stored.is_floating_point or stored == torch.float8_e4m3fn or ours.endswith((".scale", "gate.bias")):
-            return stored
-        return cast_to
-
-    def loaded_dtype(ours: str, info: TensorInfo) -> torch.dtype:
-        return (dtype or torch.bfloat16) if ours in plan.scales else target_dtype(ours, info.dtype)
-
-    need = sum(math.prod(plan.tensors[h].shape) * loaded_dtype(o, plan.tensors[h]).itemsize
-               for o, h in plan.mapping.items())
-    check_fits(need, device, f"the weights of {plan.path}")
-    bar = _progress(plan.nbytes, progress)
-    hf_to_ours = {h: o for o, h in plan.mapping.items()}
+    check_fits(_weight_bytes(plan, dtype, cast_to), device, f"the weights of {plan.path}")
+    bar = progress_bar(plan.nbytes, progress)
     try:
-        for _file, group in _by_file(plan.tensors[h] for h in plan.mapping.values()):
-            for info in group:
-                ours = hf_to_ours[info.name]
-                if ours in plan.scales:
-                    from dsv3.fp8 import weight_dequant
-
-                    s = read(plan.scales[ours])
-                    # dequantised where it will live: on a GPU the float32 temporaries never touch host memory
-                    t = read(info.name, lambda v, s=s: weight_dequant(v.to(device), s.to(device),
-                                                                       plan.ckpt_args.block_size, dtype or torch.bfloat16))
-                else:
-                    want = target_dtype(ours, info.dtype)
-                    t = read(info.name, lambda v, want=want: v.to(device=device, dtype=want, copy=True))
-                _assign(model, ours, t)
-                del t
-                bar.update(info.nbytes)
-        for hf_name, main in plan.copies.items():
-            ref = model.get_parameter(main)
-            if not read(hf_name, lambda v, ref=ref: torch.equal(v.to(device=ref.device, dtype=ref.dtype), ref)):
-                if not bool(torch.isfinite(ref).all()):  # NaN != NaN: a NaN in both copies is not a mismatch
-                    raise CheckpointError(f"{plan.path}: tensor {_dsv3_name_to_hf(main, plan.args)} holds NaN/Inf "
-                                          "(expected finite weights)")
-                raise CheckpointError(f"{plan.path}: MTP tensor {hf_name} differs from the main model's "
-                                      f"{_dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
-                                      "expected an exact copy)")
+        _load_tensors(model, plan, read, dtype, cast_to, device, bar)
+        _check_mtp_copies(model, plan, read)
     finally:
         bar.close()
-        for r in readers.values():
-            r.close()
+        read.close()
     left = [n for n, t in model.state_dict().items() if t.is_meta]
     if left:
         raise CheckpointError(f"{plan.path}: tensors not loaded: {_group(left)}")
@@ -674,6 +532,82 @@ def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.de
     return model.eval()
 
 
+class _PlanReader:
+    """`read(hf_name, fn)`: fn (default: a copy) on the tensor's mapped bytes, scanned for NaN/Inf first when
+    `check_weights`; each shard is opened on first use, all closed by `close()`."""
+
+    def __init__(self, plan: LoadPlan, check_weights: bool):
+        self.plan, self.check_weights = plan, check_weights
+        self.readers: dict[Path, ShardReader] = {}
+
+    def __call__(self, hf_name: str, fn=None):
+        info = self.plan.tensors[hf_name]
+
+        def checked(view):
+            if self.check_weights:
+                check_finite(view, info.file, info.name)
+            return fn(view) if fn else view.clone()
+
+        if info.file not in self.readers:
+            self.readers[info.file] = ShardReader(info.file)
+        return self.readers[info.file].read(info, checked)
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+def _target_dtype(ours: str, stored: torch.dtype, cast_to: torch.dtype) -> torch.dtype:
+    """The dtype a stored tensor is loaded in: FP8, block scales, the gate bias and integers as stored."""
+    if not stored.is_floating_point or stored == torch.float8_e4m3fn or ours.endswith((".scale", "gate.bias")):
+        return stored
+    return cast_to
+
+
+def _weight_bytes(plan: LoadPlan, dtype: torch.dtype | None, cast_to: torch.dtype) -> int:
+    """Bytes of the loaded weights (FP8 weights dequantised at load counted in their new dtype)."""
+    def loaded_dtype(ours: str, info: TensorInfo) -> torch.dtype:
+        return (dtype or torch.bfloat16) if ours in plan.scales else _target_dtype(ours, info.dtype, cast_to)
+
+    return sum(math.prod(plan.tensors[h].shape) * loaded_dtype(o, plan.tensors[h]).itemsize
+               for o, h in plan.mapping.items())
+
+
+def _load_tensors(model, plan: LoadPlan, read: _PlanReader, dtype: torch.dtype | None, cast_to: torch.dtype,
+                  device: torch.device, bar) -> None:
+    """Every mapped tensor into `model`, shard by shard in file order, converted straight from the mapped bytes."""
+    hf_to_ours = {h: o for o, h in plan.mapping.items()}
+    for _file, group in by_file(plan.tensors[h] for h in plan.mapping.values()):
+        for info in group:
+            ours = hf_to_ours[info.name]
+            if ours in plan.scales:
+                from dsv3.fp8 import weight_dequant
+
+                s = read(plan.scales[ours])
+                # dequantised where it will live: on a GPU the float32 temporaries never touch host memory
+                t = read(info.name, lambda v, s=s: weight_dequant(v.to(device), s.to(device),
+                                                                   plan.ckpt_args.block_size, dtype or torch.bfloat16))
+            else:
+                want = _target_dtype(ours, info.dtype, cast_to)
+                t = read(info.name, lambda v, want=want: v.to(device=device, dtype=want, copy=True))
+            _assign(model, ours, t)
+            del t
+            bar.update(info.nbytes)
+
+
+def _check_mtp_copies(model, plan: LoadPlan, read: _PlanReader) -> None:
+    """The MTP layer's copies of embedding and head must equal the main ones (dsv3 keeps one of each)."""
+    for hf_name, main in plan.copies.items():
+        ref = model.get_parameter(main)
+        if not read(hf_name, lambda v, ref=ref: torch.equal(v.to(device=ref.device, dtype=ref.dtype), ref)):
+            if not bool(torch.isfinite(ref).all()):  # NaN != NaN: a NaN in both copies is not a mismatch
+                raise CheckpointError(f"{plan.path}: tensor {_dsv3_name_to_hf(main, plan.args)} holds NaN/Inf "
+                                      "(expected finite weights)")
+            raise CheckpointError(f"{plan.path}: MTP tensor {hf_name} differs from the main model's "
+                                  f"{_dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
+                                  "expected an exact copy)")
+
+
 def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -683,10 +617,6 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
                                                    and t.dtype != torch.float8_e4m3fn)
     else:
         mod._buffers[attr] = t
-
-
-def _check_finite(t: torch.Tensor, info: TensorInfo) -> None:
-    check_finite(t, info.file, info.name)
 
 
 def check_finite(t: torch.Tensor, file, name: str, where: str = "") -> None:
@@ -710,7 +640,8 @@ def check_finite(t: torch.Tensor, file, name: str, where: str = "") -> None:
                                   f"first at flat index {j}{where}); expected finite weights")
 
 
-def _progress(total: int, enabled: bool | None):
+def progress_bar(total: int, enabled: bool | None):
+    """A tqdm bar of bytes (`enabled` None: only on a terminal)."""
     from tqdm import tqdm
 
     if enabled is None:

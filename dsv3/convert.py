@@ -166,17 +166,56 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
     t0 = time.perf_counter()
     src = Path(src)
     dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
-    import torch
-
-    from dsv3.checkpoint import ShardReader, _by_file, _check_finite, _progress, check_checkpoint, is_quantized_in_release
-    from dsv3.fp8 import weight_dequant, weight_quant
+    from dsv3.checkpoint import check_checkpoint, progress_bar
 
     plan = check_checkpoint(src)  # every source check before any tensor is read
+    shards = _plan_shards(plan, dtype)
+    _check_free_space(dst, shards)
+    producer = _Producer(plan, dtype, check_weights)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    guard = _SignalGuard(tmp, dst)
+    bar = None
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # where --force moves the previous output aside
+    try:
+        _remove_stale(dst)
+        tmp.mkdir(parents=True)
+        bar = progress_bar(sum(i.nbytes for i in plan.tensors.values()), progress)
+        bar.set_description("converting")
+        n_tensors, total, weight_map = _write_shards(tmp, shards, producer, bar)
+        bar.close()
+        _write_side_files(src, tmp, dtype, plan.ckpt_args.block_size, total, weight_map)
+        _move_into_place(tmp, dst, old, force=force, guard=guard)
+    except BaseException:
+        guard.pending = guard.pending or -1  # from here on a signal only waits for the cleanup to finish
+        if bar is not None:
+            bar.close()
+        producer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not dst.exists():  # failed between the two renames of a --force swap
+            old.rename(dst)
+        _remove_created(missing)
+        raise
+    finally:
+        producer.close()
+        guard.restore()
+    return {"tensors": n_tensors, "shards": len({*weight_map.values()}),
+            "src_bytes": sum(i.nbytes for i in plan.tensors.values()), "dst_bytes": total,
+            "seconds": time.perf_counter() - t0}
+
+
+def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
+    """(source shard, its tensors, output entries) per shard; an entry is (name, dtype, shape, producer),
+    the producer (kind, info, extra) one of copy / cast / dequant (extra: the scale) / quant (extra:
+    0 for the FP8 weight, 1 for its scale)."""
+    import torch
+
+    from dsv3.checkpoint import is_quantized_in_release
+    from dsv3.safetensors_io import by_file
+
     block = plan.ckpt_args.block_size
     floating = torch.float32 if dtype == "fp32" else torch.bfloat16
     tensors = plan.tensors  # HF name -> TensorInfo
 
-    # ---- decide every output tensor (name, dtype, shape, producer) per output shard
     def out_entries(infos):
         entries = []
         for info in infos:
@@ -201,30 +240,45 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
                 entries.append((name, info.dtype, info.shape, ("copy", info, None)))
         return entries
 
-    shards = [(file, infos, out_entries(infos)) for file, infos in _by_file(tensors.values())]
+    return [(file, infos, out_entries(infos)) for file, infos in by_file(tensors.values())]
+
+
+def _check_free_space(dst: Path, shards) -> None:
     need = sum(math.prod(shape) * dt.itemsize for *_, entries in shards for _, dt, shape, _ in entries)
     existing = next(p for p in (dst.parent, *dst.parent.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if need > free:
         raise UsageError(f"{dst}: the output needs {need / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free")
 
-    readers: dict[Path, ShardReader] = {}
 
-    def reader(file: Path) -> ShardReader:
-        if file not in readers:
-            readers[file] = ShardReader(file)
-        return readers[file]
+class _Producer:
+    """Makes each planned output tensor from the memory-mapped source shards, one tensor at a time."""
 
-    def read(info, fn):
+    def __init__(self, plan, dtype: str, check_weights: bool):
+        import torch
+
+        self.block = plan.ckpt_args.block_size
+        self.floating = torch.float32 if dtype == "fp32" else torch.bfloat16
+        self.check_weights = check_weights
+        self.readers: dict = {}  # shard file -> ShardReader
+        self.quant_cache: dict[str, tuple] = {}
+
+    def read(self, info, fn):
+        from dsv3.checkpoint import check_finite
+        from dsv3.safetensors_io import ShardReader
+
         def checked(view):
-            if check_weights:
-                _check_finite(view, info)
+            if self.check_weights:
+                check_finite(view, info.file, info.name)
             return fn(view)
-        return reader(info.file).read(info, checked)
+        if info.file not in self.readers:
+            self.readers[info.file] = ShardReader(info.file)
+        return self.readers[info.file].read(info, checked)
 
-    quant_cache: dict[str, tuple] = {}
+    def produce(self, kind, info, extra):
+        from dsv3.fp8 import weight_dequant, weight_quant
 
-    def produce(kind, info, extra):
+        read, floating, block = self.read, self.floating, self.block
         if kind == "copy":
             return read(info, lambda v: v.clone())
         if kind == "cast":
@@ -235,123 +289,121 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
         # quant: weight (extra == 0) computed first, its scale kept for the next entry
         if extra == 0:
             q, s = read(info, lambda v: weight_quant(v, block))
-            quant_cache[info.name] = s
+            self.quant_cache[info.name] = s
             return q
-        return quant_cache.pop(info.name)
+        return self.quant_cache.pop(info.name)
 
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    # A signal becomes an exception (unwinding runs the cleanup below), except while the finished output
-    # is being renamed into place: then it waits (`deferred`), so DST is never left half swapped.
-    sig = {"deferred": False, "pending": None}
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+        self.readers.clear()
 
-    def on_signal(signum, frame):
-        if sig["pending"] is not None:
+
+class _SignalGuard:
+    """SIGINT/SIGTERM/SIGHUP become an exception (unwinding runs convert's cleanup), except while the
+    finished output is being renamed into place: then the signal waits (`deferred`), so DST is never
+    left half swapped. `restore()` puts the previous handlers back."""
+
+    def __init__(self, tmp: Path, dst: Path):
+        self.tmp, self.dst = tmp, dst
+        self.deferred, self.pending = False, None
+        self.previous = {}
+        try:
+            for name in _SIGNALS:
+                if hasattr(signal, name):
+                    self.previous[name] = signal.signal(getattr(signal, name), self._on_signal)
+        except ValueError:  # not the main thread: signals stay with whoever owns them
+            pass
+
+    def interrupted(self, signum) -> Interrupted:
+        return Interrupted(f"interrupted by {signal.Signals(signum).name}: removed the partial output {self.tmp}; "
+                           f"{self.dst} was not written", signum)
+
+    def _on_signal(self, signum, frame):
+        if self.pending is not None:
             return  # already unwinding from one signal: let the cleanup finish
-        sig["pending"] = signum
-        if not sig["deferred"]:
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}: removed the partial output {tmp}; "
-                              f"{dst} was not written", signum)
+        self.pending = signum
+        if not self.deferred:
+            raise self.interrupted(signum)
 
-    previous = {}
-    try:
-        for name in _SIGNALS:
-            if hasattr(signal, name):
-                previous[name] = signal.signal(getattr(signal, name), on_signal)
-    except ValueError:  # not the main thread: signals stay with whoever owns them
-        pass
+    def restore(self) -> None:
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _write_shards(tmp: Path, shards, producer: _Producer, bar) -> tuple[int, int, dict[str, str]]:
+    """Every output shard into `tmp`; (tensors written, data bytes, weight map)."""
     weight_map: dict[str, str] = {}
     total = 0
     n_tensors = 0
-    bar = None
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # where --force moves the previous output aside
+    # Test hook: hold the run this many seconds after each shard, so that a test can signal or kill it
+    # at a known point (a test-sized conversion is over in a fraction of a second).
     try:
-        _remove_stale(dst)
-        tmp.mkdir(parents=True)
-        bar = _progress(sum(i.nbytes for i in tensors.values()), progress)
-        bar.set_description("converting")
-        # Test hook: hold the run this many seconds after each shard, so that a test can signal or kill it
-        # at a known point (a test-sized conversion is over in a fraction of a second).
-        try:
-            hold = float(os.environ.get("DSV3_TEST_CONVERT_SHARD_DELAY", "0"))
-        except ValueError:
-            hold = 0.0
-        for file, infos, entries in shards:
-            total += _write_shard(tmp / file.name, entries, produce)
-            if hold > 0:
-                time.sleep(hold)
-            for name, *_ in entries:
-                weight_map[name] = file.name
-            n_tensors += len(entries)
-            bar.update(sum(i.nbytes for i in infos))
-        bar.close()
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        cfg = json.loads((src / "config.json").read_text())
-        if dtype == "fp8":
-            cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                          "weight_block_size": [block, block]}
-            cfg["torch_dtype"] = "bfloat16"
-        else:
-            cfg.pop("quantization_config", None)
-            cfg["torch_dtype"] = "float32" if dtype == "fp32" else "bfloat16"
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in sorted(src.iterdir()):  # tokenizer, generation config, README, logs, ...
-            if f.is_file() and f.suffix != ".safetensors" and not f.name.startswith("trainer_state.") \
-                    and f.name not in ("config.json", "model.safetensors.index.json", MARKER):
-                shutil.copy2(f, tmp / f.name)
-        (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "source": str(src.resolve()),
-                                              "dtype": dtype}, indent=2) + "\n")
-        sig["deferred"] = True
-        if sig["pending"] is None:
-            if dst.exists() or dst.is_symlink():
-                if not (force and dst.is_dir() and not dst.is_symlink() and _is_convert_output(dst)):
-                    # it appeared while we converted (checked absent, or convert's own, at the start)
-                    raise UsageError(f"{dst}: appeared while converting and is not an earlier dsv3 convert output "
-                                     "that --force may replace; nothing was written")
-                # --force: move the old output aside, the new one in, then delete the old one
-                dst.rename(old)
-                tmp.rename(dst)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(dst)
-        else:  # a signal came between the last write and the rename
-            raise Interrupted(f"interrupted by {signal.Signals(sig['pending']).name}: removed the partial output "
-                              f"{tmp}; {dst} was not written", sig["pending"])
-    except BaseException:
-        sig["pending"] = sig["pending"] or -1  # from here on a signal only waits for the cleanup to finish
-        if bar is not None:
-            bar.close()
-        for r in readers.values():
-            r.close()
-        readers.clear()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir() and not dst.exists():  # failed between the two renames of a --force swap
-            old.rename(dst)
-        _remove_created(missing)
-        raise
-    finally:
-        for r in readers.values():
-            r.close()
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
-    return {"tensors": n_tensors, "shards": len({*weight_map.values()}),
-            "src_bytes": sum(i.nbytes for i in tensors.values()), "dst_bytes": total,
-            "seconds": time.perf_counter() - t0}
+        hold = float(os.environ.get("DSV3_TEST_CONVERT_SHARD_DELAY", "0"))
+    except ValueError:
+        hold = 0.0
+    for file, infos, entries in shards:
+        total += _write_shard(tmp / file.name, entries, producer.produce)
+        if hold > 0:
+            time.sleep(hold)
+        for name, *_ in entries:
+            weight_map[name] = file.name
+        n_tensors += len(entries)
+        bar.update(sum(i.nbytes for i in infos))
+    return n_tensors, total, weight_map
 
 
-_ST_NAMES = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
-             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+def _write_side_files(src: Path, tmp: Path, dtype: str, block: int, total: int, weight_map: dict[str, str]) -> None:
+    """The index, config.json (quantization_config added or removed), the copied side files, the marker."""
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg = json.loads((src / "config.json").read_text())
+    if dtype == "fp8":
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [block, block]}
+        cfg["torch_dtype"] = "bfloat16"
+    else:
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = "float32" if dtype == "fp32" else "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in sorted(src.iterdir()):  # tokenizer, generation config, README, logs, ...
+        if f.is_file() and f.suffix != ".safetensors" and not f.name.startswith("trainer_state.") \
+                and f.name not in ("config.json", "model.safetensors.index.json", MARKER):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "source": str(src.resolve()),
+                                          "dtype": dtype}, indent=2) + "\n")
+
+
+def _move_into_place(tmp: Path, dst: Path, old: Path, *, force: bool, guard: _SignalGuard) -> None:
+    """Rename the finished output to DST (with --force: the previous output aside first, deleted after);
+    a signal that comes now waits until the renames are done."""
+    guard.deferred = True
+    if guard.pending is not None:  # a signal came between the last write and the rename
+        raise guard.interrupted(guard.pending)
+    if dst.exists() or dst.is_symlink():
+        if not (force and dst.is_dir() and not dst.is_symlink() and _is_convert_output(dst)):
+            # it appeared while we converted (checked absent, or convert's own, at the start)
+            raise UsageError(f"{dst}: appeared while converting and is not an earlier dsv3 convert output "
+                             "that --force may replace; nothing was written")
+        # --force: move the old output aside, the new one in, then delete the old one
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
 
 
 def _write_shard(file: Path, entries, produce) -> int:
     """Write a .safetensors file whose tensors are produced one at a time; returns the data bytes."""
     import torch
 
+    from dsv3.safetensors_io import ST_NAMES
+
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, dt, shape, _ in entries:
         n = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[str(dt).replace("torch.", "")], "shape": list(shape),
+        header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape),
                         "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()

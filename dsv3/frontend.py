@@ -87,7 +87,7 @@ def load(ns):
     """(model, tokenizer or None, eos id or None) for --ckpt / --preset / the bundled model."""
     import torch
 
-    from dsv3 import parallel
+    from dsv3 import distributed, parallel
     from dsv3.checkpoint import default_checkpoint, load_model
     from dsv3.config import ModelArgs
     from dsv3.model import Transformer
@@ -101,9 +101,9 @@ def load(ns):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
-    group = parallel.current_group()  # under torchrun: this rank loads only its share
+    group = distributed.current_group()  # under torchrun: this rank loads only its share
     if group is not None:
-        device = parallel.device_for(group)
+        device = distributed.device_for(group)
     if ns.preset:
         from dsv3.memory import check_fits, module_bytes
 
@@ -247,26 +247,26 @@ def check_generate_args(ns, lead: bool = True):
 
 
 def main_generate(ns) -> int:
-    from dsv3 import parallel
+    from dsv3 import distributed
     from dsv3.generation import generate
 
-    group = parallel.current_group()
-    lead = parallel.rank_of(group) == 0
+    group = distributed.current_group()
+    lead = distributed.rank_of(group) == 0
     # before loading, a bad argument or file fails fast; under torchrun every rank learns of a failed
     # check, so none waits in a collective for the others
-    prompts = parallel.checked_on_every_rank(lambda: check_generate_args(ns, lead), group)
+    prompts = distributed.checked_on_every_rank(lambda: check_generate_args(ns, lead), group)
     model, tok, eos = load(ns)
     # rank 0 owns the inputs: every rank generates from rank 0's prompts and, when sampling, its seed
-    prompts = parallel.broadcast_object(prompts, group)
+    prompts = distributed.broadcast_object(prompts, group)
     ids = encode_prompts(prompts, tok)
-    seed = ns.seed if ns.temperature == 0 else parallel.shared_seed(ns.seed, group)
+    seed = ns.seed if ns.temperature == 0 else distributed.shared_seed(ns.seed, group)
     stream = len(ids) == 1 and not ns.json and not ns.output
     printer = _Printer(tok) if stream else None
     out = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                    eos_id=eos, seed=seed, on_token=printer, decode=decode_mode(ns),
                    speculative="mtp" if ns.mtp else None)
     texts = [tok.decode(o) if tok is not None else None for o in out]
-    if ns.output and parallel.rank_of(group) == 0:
+    if ns.output and distributed.rank_of(group) == 0:
         lines = "".join(json.dumps({"prompt": text, "prompt_ids": p, "tokens": o, "text": t}, ensure_ascii=False) + "\n"
                         for (text, _), p, o, t in zip(prompts, ids, out, texts))
         try:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from dsv3.decode_step import DecodeRunner
+from dsv3.distributed import run_distributed
 from dsv3.errors import NumericalError, UsageError
 from dsv3.memory import check_cache_fits
 
@@ -166,6 +167,5 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 def main_generate(ns) -> int:
     """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
     from dsv3.frontend import main_generate as main
-    from dsv3.parallel import run_distributed
 
     return run_distributed(main, ns)

@@ -26,17 +26,15 @@ with the process group passed in -- no module-level world size.
 only that rank's slices (`safe_open(...).get_slice`), FP8 block scales sliced in
 blocks with their weights. World sizes that do not divide the heads, experts,
 vocabulary or FP8 blocks are rejected before any tensor is read; a failure on any
-rank is exchanged so that every rank raises the failing rank's message.
+rank is exchanged (`dsv3.distributed.agree`) so that every rank raises the failing rank's message.
+The torchrun runtime itself (init/teardown, broadcast, run_distributed) is `dsv3.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelArgs
-from dsv3.errors import CheckpointError, ConfigError, DistributedError, Dsv3Error
+from dsv3.distributed import agree
+from dsv3.errors import CheckpointError, ConfigError, Dsv3Error
 
 # ---------------------------------------------------------------------- validation
 
@@ -240,10 +239,7 @@ _EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 
 def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                dtype: torch.dtype | None, device, check_weights: bool = False) -> nn.Module:
-    from safetensors import safe_open
-
-    from dsv3.checkpoint import _LAYER_PREFIX, check_finite, compute_dtype, hf_to_dsv3, scan, weight_map
-    from dsv3.fp8 import weight_dequant
+    from dsv3.checkpoint import compute_dtype, scan, weight_map
     from dsv3.model import Transformer
 
     wm = weight_map(path)
@@ -252,6 +248,40 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         model = Transformer(args)
     shard_model(model, rank, world)
     expected = model.state_dict()
+    todo, scales = _rank_plan(path, args, wm, expected, rank, world)
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        slices = _RankSlices(path, wm, args, rank, world, dtype, check_weights, stack)
+        # file by file, so each shard's pages are touched once
+        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
+            hf_name, dim = todo[ours]
+            fname = wm[hf_name]
+            try:
+                t = slices.read(slices.handle(fname), hf_name, dim, tuple(expected[ours].shape))
+                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
+                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
+                    if s_hf is None:
+                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
+                    t = slices.dequant(t, s_hf, dim, tuple(expected[ours].shape))
+                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                        and not ours.endswith((".scale", "gate.bias")):
+                    t = t.to(cast_to)
+            except Dsv3Error:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
+            state[ours] = t.to(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary._table = None
+    return model.eval()
+
+
+def _rank_plan(path: Path, args: ModelArgs, wm: dict[str, str], expected: dict[str, torch.Tensor],
+               rank: int, world: int) -> tuple[dict[str, tuple[str, int | None]], dict[str, str]]:
+    """(dsv3 name -> (HF name, shard dim) for every tensor this rank reads, dsv3 scale name -> HF name for the
+    FP8 scales dequantised at load); CheckpointError naming the missing and unexpected tensors."""
+    from dsv3.checkpoint import hf_layer_index, hf_to_dsv3
+
     mine = local_experts(args.n_routed_experts, rank, world)
     todo: dict[str, tuple[str, int | None]] = {}  # dsv3 name -> (HF name, shard dim)
     scales: dict[str, str] = {}  # scale of an FP8 weight dequantised at load
@@ -259,8 +289,8 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
     for hf_name in wm:
         r = hf_to_dsv3(hf_name, args)
         if r is None:
-            m = _LAYER_PREFIX.match(hf_name)
-            if not (m and int(m.group(1)) >= args.n_layers + args.n_mtp_layers):
+            layer = hf_layer_index(hf_name)
+            if not (layer is not None and layer >= args.n_layers + args.n_mtp_layers):
                 unexpected.append(hf_name)
             continue
         ours, dim = r
@@ -283,8 +313,33 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
                 more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
                 parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
         raise CheckpointError("; ".join(parts))
+    return todo, scales
 
-    def read(f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+
+class _RankSlices:
+    """This rank's slices of the checkpoint's tensors, read with `safe_open(...).get_slice` from shards
+    opened once each (memory-mapped, closed with `stack`)."""
+
+    def __init__(self, path: Path, wm: dict[str, str], args: ModelArgs, rank: int, world: int,
+                 dtype: torch.dtype | None, check_weights: bool, stack: contextlib.ExitStack):
+        self.path, self.wm, self.args, self.rank, self.world = path, wm, args, rank, world
+        self.dtype, self.check_weights, self.stack = dtype, check_weights, stack
+        self.handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
+
+    def handle(self, fname: str):
+        from safetensors import safe_open
+
+        if fname not in self.handles:
+            try:
+                self.handles[fname] = self.stack.enter_context(safe_open(self.path / fname, "pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.path / fname}: cannot read ({e})") from None
+        return self.handles[fname]
+
+    def read(self, f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+        from dsv3.checkpoint import check_finite
+
+        path, rank, world = self.path, self.rank, self.world
         sl = f.get_slice(hf_name)
         full = tuple(sl.get_shape())
         want = list(local_shape)
@@ -297,63 +352,30 @@ def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
         else:
             n = local_shape[dim]
             t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
-        if check_weights:  # this rank's slice only: together the ranks cover every value once
-            check_finite(t, path / wm[hf_name], hf_name,
+        if self.check_weights:  # this rank's slice only: together the ranks cover every value once
+            check_finite(t, path / self.wm[hf_name], hf_name,
                          "" if dim is None else f" of rank {rank}'s slice (dim {dim}, {rank * n}..{(rank + 1) * n - 1})")
         return t
 
-    def dequant(t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
+    def dequant(self, t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
         """This rank's slice `t` of an FP8 weight, dequantised. A slice that starts or ends inside a
         scale block (e.g. 64 of 128 rows) is fine here: the whole scale tensor is tiny, read it all."""
-        bs, out = args.block_size, dtype or torch.bfloat16
+        from dsv3.fp8 import weight_dequant
+
+        bs, out = self.args.block_size, self.dtype or torch.bfloat16
         if dim is None or local_shape[dim] % bs == 0:
-            s = read(handle(wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
+            s = self.read(self.handle(self.wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
             return weight_dequant(t, s, bs, out)
         full = list(local_shape)
-        full[dim] *= world
-        s = read(handle(wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
+        full[dim] *= self.world
+        s = self.read(self.handle(self.wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
         rows, cols = torch.arange(t.shape[0]), torch.arange(t.shape[1])
         if dim == 0:
-            rows = rows + rank * t.shape[0]
+            rows = rows + self.rank * t.shape[0]
         else:
-            cols = cols + rank * t.shape[1]
+            cols = cols + self.rank * t.shape[1]
         scale = s[rows // bs][:, cols // bs]  # (rows, cols): each value's block scale
         return (t.float() * scale).to(out)  # as weight_dequant computes it: the same values as one process
-
-    handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
-
-    def handle(fname: str):
-        if fname not in handles:
-            try:
-                handles[fname] = stack.enter_context(safe_open(path / fname, "pt"))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path / fname}: cannot read ({e})") from None
-        return handles[fname]
-
-    state: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        # file by file, so each shard's pages are touched once
-        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
-            hf_name, dim = todo[ours]
-            fname = wm[hf_name]
-            try:
-                t = read(handle(fname), hf_name, dim, tuple(expected[ours].shape))
-                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
-                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
-                    if s_hf is None:
-                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                    t = dequant(t, s_hf, dim, tuple(expected[ours].shape))
-                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                        and not ours.endswith((".scale", "gate.bias")):
-                    t = t.to(cast_to)
-            except Dsv3Error:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
-            state[ours] = t.to(device)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.rotary._table = None
-    return model.eval()
 
 
 def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -390,241 +412,3 @@ def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device
         err = str(e) if isinstance(e, Dsv3Error) else f"{type(e).__name__}: {e}"
     agree(err, group)
     return add_collectives(model, group)
-
-
-def checked_on_every_rank(fn, group):
-    """`fn()` (argument checks) on every rank, then one exchange: if it raised a `Dsv3Error` on any
-    rank, every rank raises (the message unchanged when every rank failed alike), so no rank goes on
-    into a collective that the others never reach. Returns fn's result."""
-    if group is None:
-        return fn()
-    err, out = None, None
-    try:
-        out = fn()
-    except Dsv3Error as e:
-        err = e
-    try:
-        agree(None if err is None else str(err), group)
-    except DistributedError:
-        if err is not None and rank_of(group) == 0:
-            raise err from None  # rank 0's own error, worded as a single process words it
-        raise
-    return out
-
-
-def agree(err: str | None, group) -> None:
-    """Collective: raise DistributedError on every rank if any rank passed an error message."""
-    import torch.distributed as dist
-
-    msgs: list[str | None] = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(msgs, err, group=group)
-    except Exception as e:  # noqa: BLE001 - a rank died or stalled past the group's timeout
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(f"rank {dist.get_rank(group)}: the other ranks did not report back ({first})"
-                               + (f"; this rank's own error: {err}" if err else ""), rank=0) from None
-    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if len(failed) == len(msgs) and len(set(msgs)) == 1:
-        # the same error everywhere (a bad config, world size or argument): say it as one process would
-        raise DistributedError(msgs[0], rank=dist.get_rank(group))
-    if failed:
-        r, m = failed[0]
-        more = f" ({len(failed) - 1} more rank(s) failed too)" if len(failed) > 1 else ""
-        raise DistributedError(f"rank {r} of {len(msgs)} failed: {m}{more}", rank=dist.get_rank(group))
-
-
-# ---------------------------------------------------------------------- launching
-def maybe_init_distributed(timeout_s: float | None = None):
-    """Under torchrun (WORLD_SIZE > 1): init the default group (nccl on CUDA, gloo on CPU), return it.
-
-    Returns None for a plain single process. DSV3_DIST_BACKEND=gloo forces CPU ranks on a GPU machine
-    (the tests do). The timeout (env DSV3_DIST_TIMEOUT, seconds, default
-    300) bounds every collective, so a rank that dies or stalls cannot hang the others forever.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if not dist.is_initialized():
-        timeout_s = timeout_s or dist_timeout_s()
-        backend = os.environ.get("DSV3_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend not in ("nccl", "gloo"):
-            raise ConfigError(f"DSV3_DIST_BACKEND must be 'nccl' or 'gloo', got {backend!r}")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD
-
-
-def dist_timeout_s() -> float:
-    """The collective timeout in seconds: env DSV3_DIST_TIMEOUT, default 300."""
-    raw = os.environ.get("DSV3_DIST_TIMEOUT", "300")
-    try:
-        t = float(raw)
-    except ValueError:
-        t = -1.0
-    if not t > 0:
-        raise ConfigError(f"DSV3_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return t
-
-
-def current_group():
-    """The default process group when this process runs under torchrun with WORLD_SIZE > 1, else None."""
-    d = torch.distributed
-    return d.group.WORLD if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
-
-
-def run_distributed(fn, *args, **kwargs) -> int:
-    """Run a command `fn(*args, **kwargs) -> int` on every rank of a torchrun launch (or plainly, alone).
-
-    Rank 0 owns the terminal: other ranks' stdout goes to /dev/null, and a `Dsv3Error` (a usage error
-    that every rank finds alike, or a `DistributedError` that every rank raises with the same message)
-    is printed by rank 0 only; the other ranks exit with the same code 2, silently. The group is torn
-    down after.
-
-    A collective that fails mid-run (a rank stopped or killed: gloo times out after DSV3_DIST_TIMEOUT
-    seconds, or finds the connection closed) ends the command on every rank that is still alive:
-    rank 0 asks the others over a separate control group which of them are still there, and raises
-    one `DistributedError` naming the ranks that did not report back and the timeout.
-    """
-    import contextlib
-    import io
-
-    try:
-        group = maybe_init_distributed()
-    except Dsv3Error:
-        if os.environ.get("RANK", "0") != "0":
-            return 2  # e.g. a bad DSV3_DIST_TIMEOUT: every rank finds it, rank 0 says it
-        raise
-    quiet = group is not None and rank_of(group) != 0
-    # made while every rank is known to be alive: after a failure it is the one channel left to ask on
-    # (gloo also beside NCCL; where gloo cannot connect, failures are still reported, without names)
-    control = None
-    if group is not None:
-        with contextlib.suppress(RuntimeError):
-            control = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
-    together, reporting = True, []
-    restore = _stop_on_sigterm(reporting) if group is not None and not quiet else None
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            return fn(*args, **kwargs)
-    except Dsv3Error:
-        if quiet:
-            return 2  # rank 0 prints the message once
-        raise
-    except RuntimeError as e:
-        if group is None or not _is_comm_error(e):
-            raise  # a bug, not a lost rank: keep its traceback
-        reporting.append(True)
-        together = False  # a rank is gone: a farewell barrier would only wait out the timeout again
-        err = _lost_ranks_error(e, group, control)
-        if quiet:
-            return 2
-        raise err from None
-    finally:
-        if restore is not None:
-            restore()
-        shutdown(group, together=together)
-
-
-def _stop_on_sigterm(reporting: list):
-    """On rank 0: turn torchrun's SIGTERM (sent when another rank exited, e.g. was killed) into a failed
-    collective, so that rank 0 still says which rank is gone instead of dying silently; while it is
-    already reporting, the SIGTERM waits for the report. Returns the function that restores the handler."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def on_term(signum, frame):
-        if not reporting:
-            raise torch.distributed.DistError("SIGTERM from torchrun (it stops every worker once one has exited)")
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    return lambda: signal.signal(signal.SIGTERM, old)
-
-
-def _is_comm_error(e: RuntimeError) -> bool:
-    """A failed collective (gloo raises plain RuntimeErrors naming its sources; NCCL a DistError)."""
-    return isinstance(e, torch.distributed.DistError) or "/gloo/" in str(e)
-
-
-def _lost_ranks_error(e: RuntimeError, group, control, grace_s: float = 5.0) -> DistributedError:
-    """After a failed collective: every rank that is still alive tells rank 0 so over `control`; rank 0
-    waits up to `grace_s` (at most the timeout) for them and names the ranks that did not report back.
-
-    The ranks still alive are all blocked in the same step's collectives, so their own timeouts fire
-    within about one step of rank 0's: a few seconds of grace reach all of them.
-    """
-    import torch.distributed as dist
-
-    rank, world, timeout = dist.get_rank(group), dist.get_world_size(group), dist_timeout_s()
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    # gloo's "[.../pair.cc:553] Connection closed by peer [addr]:port. This is typically caused by ...":
-    # keep the what, drop the source position and the boilerplate advice
-    cause = re.split(r"\. (?=[A-Z])", re.sub(r"^\[[^\]]*\] ", "", cause))[0]
-    if control is None:
-        return DistributedError(f"a collective failed (DSV3_DIST_TIMEOUT = {timeout:g} s; a rank stopped or died, "
-                                f"which one is unknown: no control group): {cause}", rank=rank)
-    if rank != 0:
-        with contextlib.suppress(Exception):  # rank 0 may be the one that is gone
-            dist.send(torch.tensor([rank]), dst=0, group=control)
-        return DistributedError(cause, rank=rank)
-    deadline = time.monotonic() + min(grace_s, timeout)
-    works, missing = {}, []
-    for r in range(1, world):
-        try:
-            works[r] = dist.irecv(torch.zeros(1, dtype=torch.long), src=r, group=control)
-        except Exception:  # noqa: BLE001 - that rank's connection is already closed: it died
-            missing.append(r)
-    for r, w in works.items():
-        try:
-            w.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
-        except Exception:  # noqa: BLE001 - timed out, or that rank's connection closed meanwhile
-            missing.append(r)
-    missing.sort()
-    who = (f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}") if missing else None
-    if who:
-        return DistributedError(f"{who} of {world} did not report back (collectives time out after "
-                                f"DSV3_DIST_TIMEOUT = {timeout:g} s; stopped or died during the run): {cause}")
-    return DistributedError(f"a collective failed on rank 0 though every rank reported back afterwards "
-                            f"(DSV3_DIST_TIMEOUT = {timeout:g} s): {cause}")
-
-
-def shared_seed(seed: int | None, group) -> int | None:
-    """The same sampling seed on every rank (rank 0 draws one if none was given): ranks must sample alike."""
-    if group is None or seed is not None:
-        return seed
-    return broadcast_object(int(torch.randint(2**31, ()).item()), group)
-
-
-def device_for(group) -> torch.device:
-    """Where this rank's weights go: its local GPU under NCCL, else the CPU."""
-    if group is not None and torch.distributed.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def rank_of(group) -> int:
-    return 0 if group is None else torch.distributed.get_rank(group)
-
-
-def broadcast_object(obj, group, src: int = 0):
-    """Rank src's `obj` on every rank (prompts, seeds: rank 0 owns the terminal and files)."""
-    if group is None:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def shutdown(group, together: bool = True) -> None:
-    """Tear the default group down; `together=False` skips the farewell barrier (a rank is gone)."""
-    if group is not None and torch.distributed.is_initialized():
-        # leave together: a rank that tears down its store/threads while another still talks to them
-        # can abort the other at exit
-        if together:
-            with contextlib.suppress(Exception):
-                torch.distributed.barrier(group)
-        torch.distributed.destroy_process_group()

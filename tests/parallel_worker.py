@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from dsv3.distributed import maybe_init_distributed, rank_of, shutdown
 from dsv3.generation import generate
-from dsv3.parallel import load_model_parallel, maybe_init_distributed, rank_of, shutdown
+from dsv3.parallel import load_model_parallel
 
 PROMPTS = [[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 128]]
 

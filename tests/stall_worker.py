@@ -6,8 +6,8 @@ With DSV3_DIST_TIMEOUT set, rank 0 must give up after that many seconds (and tor
 import sys
 import time
 
+from dsv3.distributed import agree, maybe_init_distributed, rank_of
 from dsv3.errors import Dsv3Error
-from dsv3.parallel import agree, maybe_init_distributed, rank_of
 
 
 def main() -> int:

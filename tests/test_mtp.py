@@ -1,7 +1,7 @@
 """MTP module parity: dsv3's `forward_mtp` against transformers' `MtpModel` (DeepseekV3) on tiny
 random checkpoints, float32, 5e-6 relative (see RTOL).
 
-dsv3 builds the random model and writes it in the release layout (`dsv3.train.save_checkpoint`:
+dsv3 builds the random model and writes it in the release layout (`dsv3.train_state.save_checkpoint`:
 the MTP layer at `model.layers.{n_layers}` with its own copies of embedding and head);
 transformers loads it with its own code: `DeepseekV3ForCausalLM.from_pretrained` for the main
 model, then `MtpModel.from_pretrained(main)`, which renames `model.layers.{N}.*` to
@@ -21,7 +21,7 @@ import torch
 from conftest import randomize_  # tests/ is on sys.path under pytest
 
 from dsv3 import ModelArgs, Transformer
-from dsv3.train import save_checkpoint
+from dsv3.train_state import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM  # noqa: E402

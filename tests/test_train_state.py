@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from cli_run import assert_user_error, run_dsv3, tree_digest  # tests/ is on sys.path under pytest
 
-from dsv3 import train as tr
+from dsv3 import train
+from dsv3 import train_state as tr
 from dsv3.errors import UsageError
 
 TEXT = "Full fathom five thy father lies; of his bones are coral made. Those are pearls that were his eyes. " * 20
@@ -181,7 +182,7 @@ def test_bad_out_is_refused_before_any_work(case, corpus, tmp_path):
 
 def test_check_args_is_callable_and_creates_nothing(corpus, tmp_path):
     p = argparse.ArgumentParser()
-    tr.add_args(p)
+    train.add_args(p)
     ns = p.parse_args(train_argv(corpus, tmp_path / "a" / "run")[1:])
     assert tr.check_args(ns) is None  # valid, fresh
     ns.grad_clip = 0.0

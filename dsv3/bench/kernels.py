@@ -92,32 +92,12 @@ def run(ns: argparse.Namespace) -> int:
 
     from dsv3 import fp8
 
-    impl, gemm, quant = "torch reference", fp8.fp8_gemm, fp8.act_quant
-    try:
-        from dsv3.kernels import fp8_gemm as kgemm
-        from dsv3.kernels import fp8_quant as kquant
-
-        if cuda or kquant._interpreting():
-            impl = "triton interpreter" if kquant._interpreting() else "triton"
-            gemm, quant = kgemm.fp8_gemm, kquant.act_quant
-    except ImportError:
-        if cuda:
-            raise
+    impl, gemm, quant, weight_quant = _implementation(cuda)
     device = "cuda" if cuda else "cpu"
     card = torch.cuda.get_device_name() if cuda else "cpu"
     peak_bf16, peak_fp8 = _card_peaks(card) if cuda else (None, None)
     peak_bf16, peak_fp8 = ns.peak_bf16 or peak_bf16, ns.peak_fp8 or peak_fp8
-
-    def timeit(fn) -> float:
-        """Seconds per call."""
-        if cuda:
-            import triton.testing
-
-            return triton.testing.do_bench(fn, warmup=max(5.0, ns.rep_ms / 4), rep=ns.rep_ms) * 1e-3
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    timeit = partial(_seconds_per_call, cuda=cuda, rep_ms=ns.rep_ms)
 
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": card, "impl": impl,
               "torch": torch.__version__, "peak_tflops": {"bf16": peak_bf16, "fp8": peak_fp8},
@@ -132,38 +112,13 @@ def run(ns: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(0)
     for n, k in nks:
         w = torch.randn(n, k, device=device, generator=gen) * 0.02
-        wq, ws = fp8.weight_quant(w) if not cuda else kquant.weight_quant(w)
+        wq, ws = weight_quant(w)
         w16 = w.to(torch.bfloat16)
         wdeq = fp8.weight_dequant(wq, ws, dtype=torch.float32)
         for m in ms:
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
-            xq, xs = quant(x)
-            flops = 2.0 * m * n * k
-            out = gemm(xq, xs, wq, ws)
-            xdeq = (torch.nn.functional.pad(xq.float(), (0, (-k) % 128)).unflatten(-1, (-1, 128)) * xs[..., None])
-            ref = xdeq.flatten(-2)[:, :k] @ wdeq.T
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            t_fp8 = timeit(partial(gemm, xq, xs, wq, ws))
-            t_bf16 = timeit(partial(torch.matmul, x, w16.T))
-            t_smm, smm_note = None, None
-            try:
-                sa = torch.rand(m, 1, device=device, generator=gen) + 0.5
-                sb = torch.rand(1, n, device=device, generator=gen) + 0.5
-                bt = wq.T  # (K, N) column-major, as cuBLAS wants the second operand
-                _scaled_mm(torch, xq, bt, sa, sb)
-                t_smm = timeit(partial(_scaled_mm, torch, xq, bt, sa, sb))
-            except Exception as e:  # not supported by this torch / GPU / shape
-                smm_note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            row = {"M": m, "N": n, "K": k, "err": err,
-                   "fp8_gemm_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12,
-                   "scaled_mm_tflops": flops / t_smm / 1e12 if t_smm else None}
-            row["fp8_pct_peak"] = 100 * row["fp8_gemm_tflops"] / peak_fp8 if peak_fp8 else None
-            row["bf16_pct_peak"] = 100 * row["bf16_tflops"] / peak_bf16 if peak_bf16 else None
-            row["scaled_mm_pct_peak"] = 100 * row["scaled_mm_tflops"] / peak_fp8 if peak_fp8 and t_smm else None
-            row["fp8_vs_bf16"] = t_bf16 / t_fp8
-            row["fp8_vs_scaled_mm"] = t_smm / t_fp8 if t_smm else None
-            if smm_note:
-                row["scaled_mm_note"] = smm_note
+            row = _measure(x, wq, ws, w16, wdeq, gemm=gemm, quant=quant, timeit=timeit, gen=gen,
+                           peak_bf16=peak_bf16, peak_fp8=peak_fp8)
             rows.append(row)
             if not ns.json:
                 _print_row(row)  # as it comes: the first autotuning of each shape takes a while
@@ -175,6 +130,75 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json_out:
         write_atomic(ns.json_out, json.dumps(result, indent=1), "--json-out")
     return 0
+
+
+def _implementation(cuda: bool):
+    """(name, fp8 GEMM, activation quantiser, weight quantiser): the Triton kernels on CUDA or under the
+    interpreter, else the torch references of dsv3.fp8."""
+    from dsv3 import fp8
+
+    impl, gemm, quant = "torch reference", fp8.fp8_gemm, fp8.act_quant
+    weight_quant = fp8.weight_quant
+    try:
+        from dsv3.kernels import fp8_gemm as kgemm
+        from dsv3.kernels import fp8_quant as kquant
+
+        if cuda or kquant._interpreting():
+            impl = "triton interpreter" if kquant._interpreting() else "triton"
+            gemm, quant = kgemm.fp8_gemm, kquant.act_quant
+        if cuda:
+            weight_quant = kquant.weight_quant
+    except ImportError:
+        if cuda:
+            raise
+    return impl, gemm, quant, weight_quant
+
+
+def _seconds_per_call(fn, *, cuda: bool, rep_ms: float) -> float:
+    """Seconds per call."""
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=max(5.0, rep_ms / 4), rep=rep_ms) * 1e-3
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _measure(x, wq, ws, w16, wdeq, *, gemm, quant, timeit, gen, peak_bf16, peak_fp8) -> dict:
+    """One table row: x (M, K) bf16 times the (N, K) weight three ways, and fp8_gemm's error against float32."""
+    import torch
+
+    (m, k), n = x.shape, w16.shape[0]
+    xq, xs = quant(x)
+    flops = 2.0 * m * n * k
+    out = gemm(xq, xs, wq, ws)
+    xdeq = (torch.nn.functional.pad(xq.float(), (0, (-k) % 128)).unflatten(-1, (-1, 128)) * xs[..., None])
+    ref = xdeq.flatten(-2)[:, :k] @ wdeq.T
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    t_fp8 = timeit(partial(gemm, xq, xs, wq, ws))
+    t_bf16 = timeit(partial(torch.matmul, x, w16.T))
+    t_smm, smm_note = None, None
+    try:
+        sa = torch.rand(m, 1, device=x.device, generator=gen) + 0.5
+        sb = torch.rand(1, n, device=x.device, generator=gen) + 0.5
+        bt = wq.T  # (K, N) column-major, as cuBLAS wants the second operand
+        _scaled_mm(torch, xq, bt, sa, sb)
+        t_smm = timeit(partial(_scaled_mm, torch, xq, bt, sa, sb))
+    except Exception as e:  # not supported by this torch / GPU / shape
+        smm_note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    row = {"M": m, "N": n, "K": k, "err": err,
+           "fp8_gemm_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12,
+           "scaled_mm_tflops": flops / t_smm / 1e12 if t_smm else None}
+    row["fp8_pct_peak"] = 100 * row["fp8_gemm_tflops"] / peak_fp8 if peak_fp8 else None
+    row["bf16_pct_peak"] = 100 * row["bf16_tflops"] / peak_bf16 if peak_bf16 else None
+    row["scaled_mm_pct_peak"] = 100 * row["scaled_mm_tflops"] / peak_fp8 if peak_fp8 and t_smm else None
+    row["fp8_vs_bf16"] = t_bf16 / t_fp8
+    row["fp8_vs_scaled_mm"] = t_smm / t_fp8 if t_smm else None
+    if smm_note:
+        row["scaled_mm_note"] = smm_note
+    return row
 
 
 def _fmt(v, width: int, prec: int = 1) -> str:

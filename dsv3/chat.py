@@ -28,7 +28,7 @@ def run(ns) -> int:
 def _chat(ns) -> int:
     from dsv3 import distributed
     from dsv3.errors import UsageError
-    from dsv3.frontend import _Printer, check_sampling_args, load
+    from dsv3.frontend import Printer, check_sampling_args, load
     from dsv3.generation import generate
 
     group = distributed.current_group()
@@ -84,7 +84,7 @@ def _chat(ns) -> int:
             messages.pop()
             note(f"[conversation is {len(ids)} tokens, max_seq_len is {model.args.max_seq_len}: /clear to start over]")
             continue
-        printer = _Printer(tok)
+        printer = Printer(tok)
         new = generate(model, [ids], min(ns.max_new_tokens, room), temperature=ns.temperature, top_p=ns.top_p,
                        top_k=ns.top_k, eos_id=eos, seed=seed, on_token=printer)[0]
         printer.finish()

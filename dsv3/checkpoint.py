@@ -150,11 +150,11 @@ def dsv3_to_hf(args: ModelArgs) -> dict[str, str]:
         model = Transformer(args)
     out = {}
     for name in model.state_dict():
-        out[name] = _dsv3_name_to_hf(name, args)
+        out[name] = dsv3_name_to_hf(name, args)
     return out
 
 
-def _dsv3_name_to_hf(name: str, args: ModelArgs) -> str:
+def dsv3_name_to_hf(name: str, args: ModelArgs) -> str:
     for hf, (ours, _) in _TOP.items():
         if name == ours:
             return hf
@@ -196,7 +196,7 @@ def is_quantized_in_release(hf_name: str) -> bool:
     return any(is_linear and pat.match(m.group(2)) for pat, _, _, is_linear in _LAYER_RE)
 
 
-def _meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+def meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
     from dsv3.model import Transformer
 
     with torch.device("meta"):
@@ -327,8 +327,8 @@ def check_checkpoint(path, dtype: torch.dtype | None = None, **overrides) -> Loa
         model_over["dtype"] = "bf16"  # dequantise at load
     ckpt_args = ckpt_args.replace(**{k: v for k, v in overrides.items() if k != "dtype"}) if overrides else ckpt_args
     args = ckpt_args.replace(**model_over) if model_over else ckpt_args
-    plan = LoadPlan(path, ckpt_args, args, tensors, expected=_meta_state(args))
-    ckpt_expected = plan.expected if args is ckpt_args else _meta_state(ckpt_args)
+    plan = LoadPlan(path, ckpt_args, args, tensors, expected=meta_state(args))
+    ckpt_expected = plan.expected if args is ckpt_args else meta_state(ckpt_args)
 
     unexpected = _map_names(plan, ckpt_expected, mtp_override)
     missing = sorted(set(plan.expected) - set(plan.mapping))
@@ -435,7 +435,7 @@ def _missing_message(path: Path, args: ModelArgs, missing: list[str], unexpected
     scales = [n for n in missing if n.endswith(".scale")]
     others = [n for n in missing if not n.endswith(".scale")]
     if scales and not others:
-        hf = [_dsv3_name_to_hf(n, args) for n in scales]
+        hf = [dsv3_name_to_hf(n, args) for n in scales]
         parts.append(f"{len(hf)} FP8 weight(s) without weight_scale_inv: {_group(hf)}")
     elif missing:
         hf = [_safe_hf(n, args) for n in missing]
@@ -447,7 +447,7 @@ def _missing_message(path: Path, args: ModelArgs, missing: list[str], unexpected
 
 def _safe_hf(name: str, args: ModelArgs) -> str:
     try:
-        return _dsv3_name_to_hf(name, args)
+        return dsv3_name_to_hf(name, args)
     except KeyError:
         return name
 
@@ -601,10 +601,10 @@ def _check_mtp_copies(model, plan: LoadPlan, read: _PlanReader) -> None:
         ref = model.get_parameter(main)
         if not read(hf_name, lambda v, ref=ref: torch.equal(v.to(device=ref.device, dtype=ref.dtype), ref)):
             if not bool(torch.isfinite(ref).all()):  # NaN != NaN: a NaN in both copies is not a mismatch
-                raise CheckpointError(f"{plan.path}: tensor {_dsv3_name_to_hf(main, plan.args)} holds NaN/Inf "
+                raise CheckpointError(f"{plan.path}: tensor {dsv3_name_to_hf(main, plan.args)} holds NaN/Inf "
                                       "(expected finite weights)")
             raise CheckpointError(f"{plan.path}: MTP tensor {hf_name} differs from the main model's "
-                                  f"{_dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
+                                  f"{dsv3_name_to_hf(main, plan.args)} (dsv3 shares one embedding/head; "
                                   "expected an exact copy)")
 
 
@@ -657,6 +657,6 @@ def save_model(model, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     args = model.args
-    tensors = {_dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
+    tensors = {dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))

@@ -261,7 +261,7 @@ def main_generate(ns) -> int:
     ids = encode_prompts(prompts, tok)
     seed = ns.seed if ns.temperature == 0 else distributed.shared_seed(ns.seed, group)
     stream = len(ids) == 1 and not ns.json and not ns.output
-    printer = _Printer(tok) if stream else None
+    printer = Printer(tok) if stream else None
     out = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                    eos_id=eos, seed=seed, on_token=printer, decode=decode_mode(ns),
                    speculative="mtp" if ns.mtp else None)
@@ -285,7 +285,7 @@ def main_generate(ns) -> int:
     return 0
 
 
-class _Printer:
+class Printer:
     """on_token callback: writes row 0's new tokens to stdout as they come (text, or ids without a tokenizer)."""
 
     def __init__(self, tok):

@@ -141,7 +141,7 @@ def _shard_linear(lin: nn.Module, dim: int, rank: int, world: int) -> None:
     lin.out_features, lin.in_features = lin.weight.shape
 
 
-def _shard_block(block: nn.Module, rank: int, world: int) -> None:
+def shard_block(block: nn.Module, rank: int, world: int) -> None:
     from dsv3.checkpoint import block_shard_dims
     from dsv3.moe import MoE
 
@@ -196,7 +196,7 @@ def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
         return model
     check_world_size(model.args, world, fp8_blocks=model.args.dtype == "fp8")
     for block in list(model.layers) + [m.block for m in model.mtp]:
-        _shard_block(block, rank, world)
+        shard_block(block, rank, world)
     v_local = model.embed.weight.shape[0] // world
     model.embed = VocabParallelEmbedding(_narrow(model.embed.weight, 0, rank, world), rank * v_local)
     _shard_linear(model.head, 0, rank, world)

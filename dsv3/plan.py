@@ -60,7 +60,7 @@ def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
     import torch
 
     from dsv3.model import Block
-    from dsv3.parallel import _shard_block
+    from dsv3.parallel import shard_block
 
     dtype = torch.bfloat16
     total = 0
@@ -72,7 +72,7 @@ def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
             with torch.device("meta"):
                 blk = Block(i, args, dtype)
             if world > 1:
-                _shard_block(blk, 0, world)
+                shard_block(blk, 0, world)
             kinds[kind] = _bytes(blk)
         total += kinds[kind]
     v_local = args.vocab_size // world

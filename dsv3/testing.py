@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import _dsv3_name_to_hf, _meta_state, is_quantized_in_release
+from dsv3.checkpoint import dsv3_name_to_hf, is_quantized_in_release, meta_state
 from dsv3.config import ModelArgs
 
 # Special tokens of the DeepSeek-V3 tokenizer that the chat template uses ("▁" is U+2581).
@@ -57,7 +57,7 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    names = list(_meta_state(args.replace(dtype="bf16")).items())
+    names = list(meta_state(args.replace(dtype="bf16")).items())
     chunks = [names[i * len(names) // n_shards:(i + 1) * len(names) // n_shards] for i in range(n_shards)]
     shared: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
@@ -66,7 +66,7 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
         fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
         for ours, meta in chunk:
-            hf = _dsv3_name_to_hf(ours, args)
+            hf = dsv3_name_to_hf(ours, args)
             t = _random(ours, tuple(meta.shape), gen, std)
             if ours in ("embed.weight", "head.weight"):
                 shared[ours] = t

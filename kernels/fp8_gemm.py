@@ -44,7 +44,7 @@ import triton.testing
 from triton.runtime.interpreter import InterpretedFunction
 
 from dsv3.errors import UsageError
-from dsv3.kernels.fp8_quant import _store_cast
+from dsv3.kernels.fp8_quant import store_cast
 
 BLOCK_K = 128  # = the scale block: see "Why the K step is exactly 128"
 
@@ -97,7 +97,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET,
     if ATOMIC:
         tl.atomic_add(c_ptrs, acc, mask=c_mask)
     else:
-        _store_cast(c_ptrs, acc, c_mask, EXACT_ROUND)
+        store_cast(c_ptrs, acc, c_mask, EXACT_ROUND)
 
 
 SPLIT_M = 64  # split K only for at most this many rows (decode) ...

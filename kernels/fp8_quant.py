@@ -102,7 +102,7 @@ def _bf16_bits(v):
 
 
 @triton.jit
-def _store_cast(ptr, v, mask, EXACT_ROUND: tl.constexpr):
+def store_cast(ptr, v, mask, EXACT_ROUND: tl.constexpr):
     """Store float32 v into ptr's dtype; under EXACT_ROUND a bf16 target is rounded on the bits."""
     if EXACT_ROUND and ptr.dtype.element_ty == tl.bfloat16:
         tl.store(ptr, _bf16_bits(v).to(tl.bfloat16, bitcast=True), mask=mask)
@@ -175,7 +175,7 @@ def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, N, K, BLOCK: tl.constexpr, EXACT
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + pid_n * nbk + pid_k)
-    _store_cast(y_ptr + offs, q * s, mask, EXACT_ROUND)
+    store_cast(y_ptr + offs, q * s, mask, EXACT_ROUND)
 
 
 # ---------------------------------------------------------------------------- launchers

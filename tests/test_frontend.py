@@ -126,7 +126,7 @@ def test_check_sampling_args(kw, match):
 def test_printer_writes_generated_tokens_of_row_0_only(capsys):
     import torch
 
-    p = fe._Printer(None)  # no tokenizer: ids, space-separated
+    p = fe.Printer(None)  # no tokenizer: ids, space-separated
     p(0, torch.tensor([5, 9]), torch.tensor([False, True]))  # row 0 still in its prompt: nothing
     p(1, torch.tensor([7, 9]), torch.tensor([True, True]))
     assert capsys.readouterr().out == "7"  # written at once, not at the end

@@ -247,8 +247,6 @@ def test_failing_rank_stops_every_rank(how, ckpts, tmp_path):
         assert "missing" in r.stderr and "model-00003-of-00003.safetensors" in r.stderr, r.stderr[-2000:]
     # torchrun itself reports the failed child with its own traceback; none comes from dsv3
     assert f'File "{ROOT / "dsv3"}' not in r.stderr
-    if how == "corrupt":
-        assert r.stderr.count("rank 1 of 2 failed") == 1  # printed once, by rank 0
     # no wall-clock bound: rank 0 exiting at all (within torchrun's timeout above) is the point
     print(f"{how} shard: all ranks out in {took:.1f} s")
 

@@ -16,7 +16,7 @@ Verification:
   (p and q both after temperature / top-k / top-p).
 
 Rows of a batch move in lockstep (one start_pos for the whole batch, as in
-`dsv3.generation`): a step advances every row by two tokens only if every row
+`dsv3.generation`; the shared pieces are `dsv3.sampling`): a step advances every row by two tokens only if every row
 accepted its draft, else by one. Rejected positions are simply written again by the
 next forward -- the caches are indexed by absolute position, so that is the
 rollback. Prompts of different lengths work as in `generate`: while a row is
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.errors import UsageError
-from dsv3.generation import check_finite, sampling_probs
+from dsv3.sampling import check_finite, check_request, lockstep_tokens, sampling_probs
 
 
 def _draw(probs: torch.Tensor, greedy: bool, gen: torch.Generator | None) -> torch.Tensor:
@@ -72,8 +72,6 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     `stats`, if given, receives drafted / accepted counts (generated positions only), main-model
     forwards, and per-step acceptance as `trace` (a list of (position, drafted, accepted) for row 0).
     """
-    from dsv3.generation import check_request, lockstep_tokens
-
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
     total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, mtp=True)

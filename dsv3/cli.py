@@ -38,9 +38,9 @@ def _cmd_info(ns: argparse.Namespace) -> int:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    from dsv3.generation import main_generate
+    from dsv3.frontend import run_generate
 
-    return main_generate(ns)
+    return run_generate(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:

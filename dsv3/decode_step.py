@@ -4,7 +4,7 @@ The readable path, `model(tokens, start_pos, cache)`, takes the position as a Py
 int, attends over a cache slice that grows by one every step, and dispatches MoE
 experts with data-dependent shapes (`bincount(...).tolist()`). Each of those makes a
 compiler re-specialise or break the graph, and a CUDA graph impossible. This module
-holds a second formulation of one decode step for a lockstep batch in which nothing
+runs one decode step of a lockstep batch in a form in which nothing
 depends on a value on the host:
 
 - the position is a 0-d long *tensor*; rope cos/sin are gathered from a table of all
@@ -14,12 +14,17 @@ depends on a value on the host:
   fixed-length cache and keys beyond the position get -inf (their softmax weight is
   exactly 0; the cache starts zeroed and only ever holds finite values, so 0·x = 0);
 - routed experts are applied by gathering the chosen experts' rows from weights
-  stacked as (e, f, m) -- each expert's Linear weight is re-pointed to a view of that
-  one buffer, so stacking costs no second copy of the experts.
+  stacked as (e, f, m) (`MoE.stacked_experts`, `experts_stacked` in dsv3.moe: each
+  expert's Linear weight becomes a view of that one buffer, so stacking costs no second
+  copy of the experts).
 
-Axes: b batch, s query positions (1 here), t key positions (cache slots), h heads,
-d nope/value head dim, r rope dim, c kv latent, m model dim, f expert ffn dim,
-e experts, k chosen experts per token, n tokens (= b), v vocab.
+Nothing here re-implements the model: attention is `MLA.forward_static`, which shares
+its projections and its absorbed attention with the readable path (dsv3.mla), and the
+experts are the MoE's own stacked path. This module composes them over the layers and
+runs them.
+
+Axes: b batch, s query positions (1 here), t key positions (cache slots), m model dim,
+r rope dim, v vocab.
 
 `DecodeRunner` wraps it: prefill (s > 1) goes through the readable path into the same
 cache, decode steps (s = 1) through the static step -- eager, `torch.compile`d
@@ -36,62 +41,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from dsv3.errors import UsageError
 from dsv3.moe import MoE
-from dsv3.rope import apply_rope, rope_cos_sin
-
-_PROJ = ("w1", "w2", "w3")
-
-
-# ---------------------------------------------------------------------- stacked experts
-def stacked_expert_weights(moe: MoE) -> dict[str, torch.Tensor]:
-    """{"w1": (e, f, m), "w2": (e, m, f), "w3": (e, f, m)} views over one buffer per projection.
-
-    If the experts' weights already lie back to back in one storage (a previous call
-    stacked them), the stack is that storage; otherwise one buffer is allocated, each
-    expert's weight copied in and re-pointed to its slice (the old tensors are freed
-    when nothing else holds them: peak extra memory is one projection of one layer).
-    """
-    experts = list(moe.experts)
-    if any(e is None for e in experts):
-        raise UsageError("the static decode step needs every routed expert on this device (no expert parallelism)")
-    out = {}
-    for name in _PROJ:
-        ws = [getattr(e, name).weight for e in experts]
-        if ws[0].dtype == torch.float8_e4m3fn:
-            raise UsageError("the static decode step needs bf16/fp32 expert weights; this model has FP8 experts: "
-                             "dequantise them at load (--dtype bfloat16, or load_model(..., dtype=torch.bfloat16)) "
-                             "or decode without --compile/--cuda-graph")
-        stack = _contiguous_stack(ws)
-        out[name] = _restack(ws) if stack is None else stack
-    return out
-
-
-def _contiguous_stack(ws: list[torch.Tensor]) -> torch.Tensor | None:
-    """The (e, ...) view over ws if they are contiguous, equal-shaped and back to back in one storage."""
-    w0 = ws[0]
-    step = w0.numel()
-    if not all(w.is_contiguous() and w.shape == w0.shape and w.dtype == w0.dtype for w in ws):
-        return None
-    if not all(w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()
-               and w.storage_offset() == w0.storage_offset() + i * step for i, w in enumerate(ws)):
-        return None
-    return w0.detach().as_strided((len(ws), *w0.shape), (step, *w0.stride()), w0.storage_offset())
-
-
-def _restack(ws: list[torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, even when called under inference_mode
-        return _restack_(ws)
-
-
-def _restack_(ws: list[torch.Tensor]) -> torch.Tensor:
-    stack = torch.empty((len(ws), *ws[0].shape), dtype=ws[0].dtype, device=ws[0].device)
-    for i, w in enumerate(ws):
-        stack[i].copy_(w)
-        w.data = stack[i]  # the Parameter object stays; its storage is now the stack's slice
-    return stack
+from dsv3.rope import rope_cos_sin
 
 
 # ---------------------------------------------------------------------- the step
@@ -114,7 +67,7 @@ class StaticDecodeStep:
         self.key_pos = torch.arange(max_len, device=device)  # (t,)
         dtype = model.dtype
         self.wkv_b = [blk.attn.absorbed_wkv_b(dtype) for blk in model.layers]  # (h, d + d_v, c), prepared once
-        self.experts = [stacked_expert_weights(blk.ffn) if isinstance(blk.ffn, MoE) else None for blk in model.layers]
+        self.experts = [blk.ffn.stacked_experts() if isinstance(blk.ffn, MoE) else None for blk in model.layers]
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -122,45 +75,14 @@ class StaticDecodeStep:
         cos, sin = self.cos.index_select(0, where), self.sin.index_select(0, where)  # (1, r/2)
         # additive mask over all cache slots, shared by every layer: keys after pos are not there yet
         mask = torch.zeros_like(self.key_pos, dtype=torch.float32).masked_fill(self.key_pos > pos, float("-inf"))
+        mask = mask[None]  # (s = 1, t)
         x = model.embed(tokens)  # (b, 1, m)
         for i, blk in enumerate(model.layers):
-            x = x + self._attn(blk.attn, blk.attn_norm(x), where, cos, sin, mask, self.cache.layers[i], self.wkv_b[i])
+            x = x + blk.attn.forward_static(blk.attn_norm(x), where, cos, sin, mask, self.cache.layers[i],
+                                            self.wkv_b[i])
             h = blk.ffn_norm(x)
-            x = x + (blk.ffn(h) if self.experts[i] is None else self._moe(blk.ffn, h, self.experts[i]))
+            x = x + (blk.ffn(h) if self.experts[i] is None else blk.ffn(h, self.experts[i]))
         return model.head(model.norm(x))[:, -1].float()
-
-    @staticmethod
-    def _attn(attn, x, where, cos, sin, mask, cache, wkv_b) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = attn.wq(x) if attn.q_lora_rank == 0 else attn.wq_b(attn.q_norm(attn.wq_a(x)))
-        q = q.view(b, s, -1, attn.nope + attn.rope_dim)  # (b s h d+r)
-        q_nope, q_pe = q.split([attn.nope, attn.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
-        kv, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
-        kv = attn.kv_norm(kv)  # (b s c)
-        k_pe = apply_rope(k_pe, cos, sin)  # (b s r)
-        kv_all, pe_all = cache.tensors["kv"], cache.tensors["pe"]  # (b t c), (b t r): the full fixed length
-        kv_all.index_copy_(1, where, kv)
-        pe_all.index_copy_(1, where, k_pe)
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : attn.nope])  # W_UK folded into q
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all)
-                  + torch.einsum("bshr,btr->bsht", q_pe, pe_all)) * attn.softmax_scale
-        probs = (scores + mask).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, kv_all)
-        o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, attn.nope:])  # W_UV applied after attention
-        return attn.wo(o.flatten(2))
-
-    @staticmethod
-    def _moe(moe: MoE, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (n, m)
-        weights, indices = moe.gate(x)  # (n, k), (n, k)
-        w1, w2, w3 = w["w1"][indices], w["w2"][indices], w["w3"][indices]  # (n k f m), (n k m f), (n k f m)
-        act = F.silu(torch.einsum("nm,nkfm->nkf", x, w1)) * torch.einsum("nm,nkfm->nkf", x, w3)
-        y = torch.einsum("nkf,nkmf->nkm", act, w2)
-        routed = (y * weights[..., None]).float().sum(1).to(x.dtype)  # (n, m), summed in float32 as the loop does
-        out = routed if moe.shared_experts is None else routed + moe.shared_experts(x)
-        return out.view(shape)
 
 
 # ---------------------------------------------------------------------- the runner

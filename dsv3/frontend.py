@@ -73,7 +73,7 @@ def add_generate_args(p) -> None:
 
 
 def check_sampling_args(ns) -> None:
-    from dsv3.generation import check_sampling
+    from dsv3.sampling import check_sampling
 
     check_sampling(ns.temperature, ns.top_p, ns.top_k, ns.seed)
     if ns.max_new_tokens < 0:
@@ -244,6 +244,13 @@ def check_generate_args(ns, lead: bool = True):
         if not (Path(ns.ckpt) / "tokenizer.json").is_file() and (Path(ns.ckpt) / "config.json").is_file():
             raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
     return prompts
+
+
+def run_generate(ns) -> int:
+    """`dsv3 generate`; under torchrun (WORLD_SIZE > 1) every rank loads its shard, rank 0 prints."""
+    from dsv3.distributed import run_distributed
+
+    return run_distributed(main_generate, ns)
 
 
 def main_generate(ns) -> int:

@@ -15,6 +15,11 @@ Per head, k_nope = W_UK c_kv and v = W_UV c_kv (both inside `wkv_b`).
   W_UV into the output, so attention runs directly against the latent cache.
 
 Both give the same numbers (up to rounding): tests hold them equal.
+
+Written once: every path starts from `project` (queries, latent, rotary key), and the absorbed
+attention is `attend_latent`, used by `forward` (the readable path: a Python-int position, a growing
+cache slice; a long absorbed prefill expands instead, `expanding_pays`) and by `forward_static`
+(dsv3.decode_step's static-shape step: a tensor position over the whole fixed-length cache).
 """
 
 from __future__ import annotations
@@ -52,6 +57,18 @@ class MLACache:
                 raise IndexError(f"cache holds {buf.shape[1]} positions, step needs {end}")
             buf[:b, start_pos:end] = x
             out[name] = buf[:b, :end]
+        return out
+
+    def write_at(self, pos: torch.Tensor, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store new[name] (b, 1, ...) at position pos, a (1,) long tensor; return the whole buffers (b, t, ...).
+
+        The static-shape form of `write` (dsv3.decode_step): no host value, every shape fixed by the cache.
+        """
+        out = {}
+        for name, x in new.items():
+            buf = self.tensors[name]
+            buf.index_copy_(1, pos, x)
+            out[name] = buf
         return out
 
     def nbytes(self) -> int:
@@ -107,14 +124,8 @@ class MLA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 cache: MLACache | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = rearrange(q, "b s (h e) -> b s h e", e=self.nope + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_norm(kv)  # (b s c)
-        k_pe = apply_rope(k_pe, cos, sin)  # (b s r): one rotary key shared by all heads
+        s = x.shape[1]
+        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin)
         mask = causal_mask(start_pos, s, x.device) if s > 1 else None
 
         if self.attn_impl == "naive":
@@ -132,15 +143,45 @@ class MLA(nn.Module):
             if cache is not None:
                 kv, k_pe = cache.write(start_pos, kv=kv, pe=k_pe).values()
             if self.expanding_pays(s):
-                return self.wo(rearrange(self._expanded(q_nope, q_pe, kv, k_pe, wkv_b), "b s h d -> b s (h d)"))
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
-            scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
-                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
-            probs = _softmax(scores, mask, x.dtype)
-            o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
-            o = torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
+                o = self._expanded(q_nope, q_pe, kv, k_pe, wkv_b)
+            else:
+                o = self.attend_latent(q_nope, q_pe, kv, k_pe, wkv_b, mask)
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))
 
+    def forward_static(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor, cache: MLACache, wkv_b: torch.Tensor) -> torch.Tensor:
+        """One absorbed decode step with nothing on the host (dsv3.decode_step): x (b, 1, m) at position pos,
+        a (1,) long tensor; the latents are written into the whole fixed-length cache and attention runs over
+        all its t slots, the ones after pos masked by `mask` (1, t) (additive, -inf); wkv_b as `absorbed_wkv_b`."""
+        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin)
+        kv_all, pe_all = cache.write_at(pos, kv=kv, pe=k_pe).values()  # (b t c), (b t r)
+        o = self.attend_latent(q_nope, q_pe, kv_all, pe_all, wkv_b, mask)
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The projections every path starts from: q_nope (b s h d), q_pe (b s h r) rotated, the normalised
+        latent kv (b s c) and the rotated shared key k_pe (b s r)."""
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = rearrange(q, "b s (h e) -> b s h e", e=self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_norm(kv)  # (b s c)
+        k_pe = apply_rope(k_pe, cos, sin)  # (b s r): one rotary key shared by all heads
+        return q_nope, q_pe, kv, k_pe
+
+    def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                      wkv_b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Absorbed attention against the latents kv (b t c), k_pe (b t r): (b, s, h, d_v).
+
+        `mask`: None, or an additive (s, >= t) mask whose last t columns are these keys' (`causal_mask`).
+        """
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
+                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+        probs = _softmax(scores, mask, q_nope.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
+        return torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
 
     def expanding_pays(self, s: int) -> bool:
         """Whether s queries are cheaper against per-head K/V expanded from the cached latents.

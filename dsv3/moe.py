@@ -12,10 +12,15 @@ Gate (as in the released model):
   Weights are the *unbiased* scores of the chosen experts, renormalised to sum 1
   for sigmoid, then × route_scale.
 
-Two expert paths compute the same sum:
+Three expert paths compute the same sum:
   - `experts_loop`: one expert at a time, `torch.where` for its tokens (the official code's shape);
   - `experts_grouped`: sort the (token, slot) pairs by expert once, run each expert on
-    one contiguous slice, scatter back with one `index_add_` -- no per-token Python.
+    one contiguous slice, scatter back with one `index_add_` -- no per-token Python;
+  - `experts_stacked`: gather each token's k experts' rows from weights stacked as (e, f, m)
+    and contract them: no data-dependent shape, no value read on the host (what
+    `torch.compile` and CUDA graphs need: dsv3.decode_step). `MoE.stacked_experts` builds
+    the stacks by re-pointing each expert's weight to a slice of one buffer per projection,
+    so stacking costs no second copy of the experts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelArgs
+from dsv3.errors import UsageError
 from dsv3.layers import MLP
+
+PROJECTIONS = ("w1", "w2", "w3")  # an expert MLP's Linears
 
 
 class Gate(nn.Module):
@@ -76,13 +84,63 @@ class MoE(nn.Module):
             if args.n_shared_experts > 0 else None
         self.dispatch = experts_grouped if args.moe_impl == "grouped" else experts_loop
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (..., m) -> (..., m). `stacked` (from `stacked_experts`): route through `experts_stacked` instead
+        of the configured dispatch (the static decode step's path)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (n, m)
         weights, indices = self.gate(x)
-        routed = self.dispatch(self.experts, x, weights, indices)
+        if stacked is None:
+            routed = self.dispatch(self.experts, x, weights, indices)
+        else:
+            routed = experts_stacked(stacked, x, weights, indices)
         out = routed if self.shared_experts is None else routed + self.shared_experts(x)
         return out.view(shape)
+
+    def stacked_experts(self) -> dict[str, torch.Tensor]:
+        """{"w1": (e, f, m), "w2": (e, m, f), "w3": (e, f, m)} views over one buffer per projection.
+
+        If the experts' weights already lie back to back in one storage (a previous call
+        stacked them), the stack is that storage; otherwise one buffer is allocated, each
+        expert's weight copied in and re-pointed to its slice (the old tensors are freed
+        when nothing else holds them: peak extra memory is one projection of one layer).
+        The Parameters stay the same objects, so the model, its state_dict and saving are unchanged.
+        """
+        experts = list(self.experts)
+        if any(e is None for e in experts):
+            raise UsageError("the static decode step needs every routed expert on this device (no expert parallelism)")
+        out = {}
+        for name in PROJECTIONS:
+            ws = [getattr(e, name).weight for e in experts]
+            if ws[0].dtype == torch.float8_e4m3fn:
+                raise UsageError("the static decode step needs bf16/fp32 expert weights; this model has FP8 experts: "
+                                 "dequantise them at load (--dtype bfloat16, or load_model(..., dtype=torch.bfloat16)) "
+                                 "or decode without --compile/--cuda-graph")
+            stack = _contiguous_stack(ws)
+            out[name] = _restack(ws) if stack is None else stack
+        return out
+
+
+def _contiguous_stack(ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (e, ...) view over ws if they are contiguous, equal-shaped and back to back in one storage."""
+    w0 = ws[0]
+    step = w0.numel()
+    if not all(w.is_contiguous() and w.shape == w0.shape and w.dtype == w0.dtype for w in ws):
+        return None
+    if not all(w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()
+               and w.storage_offset() == w0.storage_offset() + i * step for i, w in enumerate(ws)):
+        return None
+    return w0.detach().as_strided((len(ws), *w0.shape), (step, *w0.stride()), w0.storage_offset())
+
+
+def _restack(ws: list[torch.Tensor]) -> torch.Tensor:
+    """One (e, ...) buffer holding ws, each w re-pointed to its slice (an ordinary tensor, even under inference_mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        stack = torch.empty((len(ws), *ws[0].shape), dtype=ws[0].dtype, device=ws[0].device)
+        for i, w in enumerate(ws):
+            stack[i].copy_(w)
+            w.data = stack[i]  # the Parameter object stays; its storage is now the stack's slice
+    return stack
 
 
 def experts_loop(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor,
@@ -118,6 +176,16 @@ def experts_grouped(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tens
     y = torch.zeros_like(x, dtype=torch.float32)
     y.index_add_(0, tokens, (ys * ws).float())
     return y.to(x.dtype)
+
+
+def experts_stacked(stacked: dict[str, torch.Tensor], x: torch.Tensor, weights: torch.Tensor,
+                    indices: torch.Tensor) -> torch.Tensor:
+    """The same sum from the stacked weights (`MoE.stacked_experts`): each token's k experts' rows gathered
+    and contracted, every shape fixed by (n, k); summed over k in float32 as the loop does."""
+    w1, w2, w3 = (stacked[name][indices] for name in PROJECTIONS)  # (n k f m), (n k m f), (n k f m)
+    act = F.silu(torch.einsum("nm,nkfm->nkf", x, w1)) * torch.einsum("nm,nkfm->nkf", x, w3)
+    y = torch.einsum("nkf,nkmf->nkm", act, w2)
+    return (y * weights[..., None]).float().sum(1).to(x.dtype)  # (n, m)
 
 
 def experts_dense_reference(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor,

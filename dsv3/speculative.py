@@ -16,7 +16,7 @@ Verification:
   (p and q both after temperature / top-k / top-p).
 
 Rows of a batch move in lockstep (one start_pos for the whole batch, as in
-`dsv3.generation`): a step advances every row by two tokens only if every row
+`dsv3.generation`; the shared pieces are `dsv3.sampling`): a step advances every row by two tokens only if every row
 accepted its draft, else by one. Rejected positions are simply written again by the
 next forward -- the caches are indexed by absolute position, so that is the
 rollback. Prompts of different lengths work as in `generate`: while a row is
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.errors import UsageError
-from dsv3.generation import check_finite, sampling_probs
+from dsv3.sampling import check_finite, check_request, lockstep_tokens, sampling_probs
 
 
 def _draw(probs: torch.Tensor, greedy: bool, gen: torch.Generator | None) -> torch.Tensor:
@@ -72,84 +72,104 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     `stats`, if given, receives drafted / accepted counts (generated positions only), main-model
     forwards, and per-step acceptance as `trace` (a list of (position, drafted, accepted) for row 0).
     """
-    from dsv3.generation import check_request, lockstep_tokens
-
     if not model.mtp:
         raise UsageError("speculative='mtp' needs a model with an MTP module (n_mtp_layers >= 1)")
     total = check_request(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, mtp=True)
-    lens = [len(p) for p in prompts]
     if stats is not None:
         stats.update(drafted=0, accepted=0, forwards=0, trace=[])
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    run = MtpRequest(model, prompts, total, (temperature, top_p, top_k), eos_id, seed, on_token, stats)
+    cur, draft_logits = run.prefill(min(len(p) for p in prompts))
+    while cur < total and not run.finished.all():
+        cur, draft_logits = run.step(cur, draft_logits)
+    return run.new_tokens(prompts, cur, max_new_tokens)
 
-    greedy = temperature == 0
-    device = model.device
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    b = len(prompts)
-    tokens, in_prompt = lockstep_tokens(prompts, total, device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, total, mtp=True)
-    mtp = model.mtp[0]
 
-    def main_forward(start: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = model.hidden(x, start, cache)
-        if stats is not None:
-            stats["forwards"] += 1
-        logits = model.head(h).float()
+class MtpRequest:
+    """One speculative request in flight: the lockstep token buffer, the main and MTP caches, the sampling
+    rule (temperature, top_p, top_k) and the optional stats; `prefill` then `step` until done."""
+
+    def __init__(self, model, prompts: list[list[int]], total: int, sampling: tuple[float, float, int],
+                 eos_id: int | None, seed: int | None, on_token, stats: dict | None):
+        self.model, self.total, self.sampling = model, total, sampling
+        self.greedy = sampling[0] == 0
+        self.eos_id, self.on_token, self.stats = eos_id, on_token, stats
+        self.device = device = model.device
+        self.gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.tokens, self.in_prompt = lockstep_tokens(prompts, total, device)
+        self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        self.cache = model.new_cache(len(prompts), total, mtp=True)
+        self.mtp = model.mtp[0]
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_probs(logits, *self.sampling)
+
+    def main_forward(self, start: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main model over positions start.. of x (b, s): hidden states (b, s, m) and float32 logits (b, s, v)."""
+        h = self.model.hidden(x, start, self.cache)
+        if self.stats is not None:
+            self.stats["forwards"] += 1
+        logits = self.model.head(h).float()
         check_finite(logits, start + x.shape[1] - 1)
         return h, logits
 
-    def mtp_forward(start: int, h: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    def mtp_forward(self, start: int, h: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """MTP positions start.. with main hidden states h and the tokens one ahead -> draft logits of the last."""
-        cos, sin = model.rotary(start, h.shape[1], device)
-        out = mtp(h, model.embed(nxt), start, cos, sin, cache.mtp[0])
+        model = self.model
+        cos, sin = model.rotary(start, h.shape[1], self.device)
+        out = self.mtp(h, model.embed(nxt), start, cos, sin, self.cache.mtp[0])
         return model.head(out[:, -1]).float()
 
-    def emit(pos: int, tok: torch.Tensor) -> None:
-        nonlocal finished
-        tokens[:, pos] = tok
-        generated = ~in_prompt[:, pos]
-        if on_token is not None:
-            on_token(pos, tok, generated & ~finished)
-        if eos_id is not None:
-            finished = finished | (generated & (tok == eos_id))
+    def emit(self, pos: int, tok: torch.Tensor) -> None:
+        self.tokens[:, pos] = tok
+        generated = ~self.in_prompt[:, pos]
+        if self.on_token is not None:
+            self.on_token(pos, tok, generated & ~self.finished)
+        if self.eos_id is not None:
+            self.finished = self.finished | (generated & (tok == self.eos_id))
 
-    def choose(pos: int, probs: torch.Tensor) -> torch.Tensor:
-        return torch.where(in_prompt[:, pos], tokens[:, pos], _draw(probs, greedy, gen))
+    def choose(self, pos: int, probs: torch.Tensor) -> torch.Tensor:
+        """A token drawn from probs (b, v) for position pos, or the prompt's own token where pos is in the prompt."""
+        return torch.where(self.in_prompt[:, pos], self.tokens[:, pos], _draw(probs, self.greedy, self.gen))
 
-    # prefill: main over [0, cur), pick token cur, then MTP over [0, cur) drafts token cur + 1
-    cur = min(lens)
-    h, logits = main_forward(0, tokens[:, :cur])
-    emit(cur, choose(cur, sampling_probs(logits[:, -1], temperature, top_p, top_k)))
-    cur += 1
-    draft_logits = mtp_forward(0, h, tokens[:, 1:cur])
-    while cur < total and not finished.all():
-        q = sampling_probs(draft_logits, temperature, top_p, top_k)
-        draft = torch.where(in_prompt[:, cur], tokens[:, cur], _draw(q, greedy, gen))
-        h, logits = main_forward(cur - 1, torch.stack([tokens[:, cur - 1], draft], dim=1))
-        p0 = sampling_probs(logits[:, 0], temperature, top_p, top_k)
-        tok, accepted = verify(p0, q, draft, greedy, gen)
+    def prefill(self, cur: int) -> tuple[int, torch.Tensor]:
+        """Main over [0, cur), pick token cur, then MTP over [0, cur) drafts token cur + 1: (cur + 1, draft logits)."""
+        h, logits = self.main_forward(0, self.tokens[:, :cur])
+        self.emit(cur, self.choose(cur, self.probs(logits[:, -1])))
+        cur += 1
+        return cur, self.mtp_forward(0, h, self.tokens[:, 1:cur])
+
+    def step(self, cur: int, draft_logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Draft token cur, verify it with one main forward over (cur - 1, cur), keep the token after it when
+        every row accepted; return the next position to fill and the MTP's draft logits for it."""
+        tokens, in_prompt = self.tokens, self.in_prompt
+        q = self.probs(draft_logits)
+        draft = self.choose(cur, q)
+        h, logits = self.main_forward(cur - 1, torch.stack([tokens[:, cur - 1], draft], dim=1))
+        tok, accepted = verify(self.probs(logits[:, 0]), q, draft, self.greedy, self.gen)
         tok = torch.where(in_prompt[:, cur], tokens[:, cur], tok)
         accepted = accepted | in_prompt[:, cur]
-        if stats is not None:
-            live = ~in_prompt[:, cur] & ~finished
-            stats["drafted"] += int(live.sum())
-            stats["accepted"] += int((accepted & live & (tok == draft)).sum())
-            stats["trace"].append((cur, int(draft[0]), bool(accepted[0] and tok[0] == draft[0])))
-        emit(cur, tok)
-        both = bool(accepted.all()) and cur + 1 < total and not finished.all()
-        if both:
-            emit(cur + 1, choose(cur + 1, sampling_probs(logits[:, 1], temperature, top_p, top_k)))
-            draft_logits = mtp_forward(cur - 1, h, tokens[:, cur: cur + 2])
-            cur += 2
-        else:
-            draft_logits = mtp_forward(cur - 1, h[:, :1], tokens[:, cur: cur + 1])
-            cur += 1
-    out = []
-    for i, p in enumerate(prompts):
-        new = tokens[i, len(p): min(cur, total)].tolist()[:max_new_tokens]
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        out.append(new)
-    return out
+        if self.stats is not None:
+            self.record(cur, draft, tok, accepted)
+        self.emit(cur, tok)
+        if bool(accepted.all()) and cur + 1 < self.total and not self.finished.all():
+            self.emit(cur + 1, self.choose(cur + 1, self.probs(logits[:, 1])))
+            return cur + 2, self.mtp_forward(cur - 1, h, tokens[:, cur: cur + 2])
+        return cur + 1, self.mtp_forward(cur - 1, h[:, :1], tokens[:, cur: cur + 1])
+
+    def record(self, cur: int, draft: torch.Tensor, tok: torch.Tensor, accepted: torch.Tensor) -> None:
+        live = ~self.in_prompt[:, cur] & ~self.finished
+        self.stats["drafted"] += int(live.sum())
+        self.stats["accepted"] += int((accepted & live & (tok == draft)).sum())
+        self.stats["trace"].append((cur, int(draft[0]), bool(accepted[0] and tok[0] == draft[0])))
+
+    def new_tokens(self, prompts: list[list[int]], cur: int, max_new_tokens: int) -> list[list[int]]:
+        """Each prompt's new tokens, cut after eos_id (included) or at max_new_tokens."""
+        out = []
+        for i, p in enumerate(prompts):
+            new = self.tokens[i, len(p): min(cur, self.total)].tolist()[:max_new_tokens]
+            if self.eos_id is not None and self.eos_id in new:
+                new = new[: new.index(self.eos_id) + 1]
+            out.append(new)
+        return out

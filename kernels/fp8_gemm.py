@@ -41,10 +41,9 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
-from triton.runtime.interpreter import InterpretedFunction
 
 from dsv3.errors import UsageError
-from dsv3.kernels.fp8_quant import store_cast
+from dsv3.kernels.fp8_quant import interpreting, store_cast
 
 BLOCK_K = 128  # = the scale block: see "Why the K step is exactly 128"
 
@@ -154,10 +153,6 @@ _fp8_gemm_split_tuned = _autotune(configs=_gpu_split_configs(), key=["N", "K", "
                                   prune_configs_by={"early_config_prune": _prune})(_fp8_gemm_kernel)
 
 
-def _interpreting() -> bool:
-    return isinstance(_fp8_gemm_kernel, InterpretedFunction)
-
-
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a (..., K) fp8, a_s (..., ⌈K/128⌉) float32; b (N, K) fp8, b_s (⌈N/128⌉, ⌈K/128⌉) float32 → (..., N)."""
@@ -190,7 +185,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         return c
     if k == 0:
         return c.zero_()
-    if _interpreting():  # fixed small tiles; both variants, as on a GPU
+    if interpreting():  # fixed small tiles; both variants, as on a GPU
         bm, bn, split = 16, 32, (2 if m <= SPLIT_M else 1)
         out = c if split == 1 or out_dtype == torch.float32 else torch.zeros(c.shape, dtype=torch.float32)
         if split > 1:

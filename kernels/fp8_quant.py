@@ -49,11 +49,10 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from dsv3.errors import UsageError
 
-E4M3_MAX = 448.0
 
-
-def _interpreting() -> bool:
-    """True when this module's kernels were built by the interpreter (TRITON_INTERPRET=1 at import)."""
+def interpreting() -> bool:
+    """True when Triton runs these kernels in its interpreter (TRITON_INTERPRET=1 when triton was imported),
+    false when it compiles them for a GPU; the one test of it for dsv3.kernels."""
     return isinstance(_act_quant_kernel, InterpretedFunction)
 
 
@@ -216,8 +215,8 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     s = torch.empty(*x.shape[:-1], nbk, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s
-    exact = _interpreting() if exact_round is None else exact_round
-    block_m = 4 if _interpreting() else 16
+    exact = interpreting() if exact_round is None else exact_round
+    block_m = 4 if interpreting() else 16
     grid = (triton.cdiv(m, block_m), nbk)
     _act_quant_kernel[grid](x, y, s, m, k, BLOCK_M=block_m, BLOCK_K=block_size,
                             UE8M0=scale_fmt == "ue8m0", EXACT_ROUND=exact, num_warps=4)
@@ -236,7 +235,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128,
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(grid, dtype=torch.float32, device=w.device)
     if w.numel():
-        exact = _interpreting() if exact_round is None else exact_round
+        exact = interpreting() if exact_round is None else exact_round
         _weight_quant_kernel[grid](w, q, s, n, k, BLOCK=block_size, EXACT_ROUND=exact, num_warps=8)
     return q, s
 
@@ -260,5 +259,5 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
         raise UsageError(f"weight_dequant: dtype must be float32, bfloat16 or float16, got {dtype}")
     y = torch.empty(n, k, dtype=dtype, device=q.device)
     if q.numel():
-        _weight_dequant_kernel[want](q, s, y, n, k, BLOCK=block_size, EXACT_ROUND=_interpreting(), num_warps=8)
+        _weight_dequant_kernel[want](q, s, y, n, k, BLOCK=block_size, EXACT_ROUND=interpreting(), num_warps=8)
     return y

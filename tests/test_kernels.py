@@ -30,7 +30,7 @@ def _kernels(device: str) -> SimpleNamespace:
     from dsv3.kernels import fp8_gemm as gemm
     from dsv3.kernels import fp8_quant as quant
 
-    return SimpleNamespace(quant=quant, gemm=gemm, device=device, interp=quant._interpreting())
+    return SimpleNamespace(quant=quant, gemm=gemm, device=device, interp=quant.interpreting())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelArgs
-from dsv3.moe import MoE, experts_dense_reference, experts_grouped, experts_loop
+from dsv3.moe import MoE, experts_dense_reference, experts_grouped, experts_loop, experts_stacked
 
 
 def ref_gate(x, weight, bias, args: ModelArgs):
@@ -128,6 +128,7 @@ def test_expert_paths_with_idle_experts():
         ref = experts_dense_reference(moe.experts, x, w, idx)
         torch.testing.assert_close(experts_loop(moe.experts, x, w, idx), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(experts_grouped(moe.experts, x, w, idx), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(experts_stacked(moe.stacked_experts(), x, w, idx), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_shared", [0, 1, 2])
@@ -161,3 +162,17 @@ def test_moe_impl_loop_equals_grouped():
     x = torch.randn(3, 11, args.dim, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(moe_l(x), moe_g(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 37])
+def test_stacked_experts_equal_the_loop_and_share_the_weights(n_tokens):
+    """The stacked path (the static decode step's) gives the loop's sum; its stacks are the experts' own storage."""
+    moe, args = _tiny_moe(seed=10 + n_tokens)
+    x = torch.randn(n_tokens, args.dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = moe(x)
+        stacked = moe.stacked_experts()
+        for name, stack in stacked.items():
+            assert all(getattr(e, name).weight.data_ptr() == stack[i].data_ptr() for i, e in enumerate(moe.experts))
+        torch.testing.assert_close(moe(x, stacked), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moe(x), ref, rtol=0, atol=0)  # re-pointing changed no value

@@ -36,7 +36,7 @@ MUTATIONS = {
         ["test_parity_transformers.py::test_logits_match_transformers[qlora-groups-yarn-naive]",
          "test_parity_transformers.py::test_correction_bias_changes_routing[qlora-groups-yarn]"]),
     "top-p ignored": (
-        "dsv3/generation.py", "    if top_p < 1.0:\n        sorted_p", "    if False:\n        sorted_p",
+        "dsv3/sampling.py", "    if top_p < 1.0:\n        sorted_p", "    if False:\n        sorted_p",
         ["test_sampling.py::test_sampling_probs_equal_the_definitions[0.8-0.9-0]",
          "test_sampling.py::test_sample_draws_the_reference_distribution[1.3-0.7-0]",
          "test_speculative.py::test_sampling_distribution_unchanged[0-0.75]"]),

@@ -1,6 +1,6 @@
 """Sampling against an independent oracle: a float64 distribution written from the definitions
 (temperature, then top-k, then top-p, renormalised), token by token in plain Python, and chi-square
-tests of the draws of `dsv3.generation.sample` against it."""
+tests of the draws of `dsv3.sampling.sample` against it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dsv3.generation import sample, sampling_probs
+from dsv3.sampling import sample, sampling_probs
 
 
 def reference_probs(logits: list[float], temperature: float, top_p: float, top_k: int) -> list[float]:

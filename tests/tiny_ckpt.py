@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from dsv3.checkpoint import MTP_SHARED_COPIES, dsv3_to_hf
 from dsv3.config import ModelArgs
 from dsv3.model import Transformer
+from dsv3.moe import Gate
 
 TINY_TP = dict(
     max_seq_len=64, vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
@@ -39,7 +40,7 @@ def write_tiny_checkpoint(path: Path, fp8: bool = False, seed: int = 0) -> Path:
     model = Transformer(args)
     with torch.no_grad():
         for mod in model.modules():
-            if getattr(mod, "bias", None) is not None and hasattr(mod, "route_scale"):
+            if isinstance(mod, Gate) and mod.bias is not None:
                 mod.bias.normal_(0, 0.05)  # non-zero correction bias: selection differs from weighting
             if mod.__class__.__name__ == "RMSNorm":
                 mod.weight.normal_(1.0, 0.1)

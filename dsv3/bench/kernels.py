@@ -143,8 +143,8 @@ def _implementation(cuda: bool):
         from dsv3.kernels import fp8_gemm as kgemm
         from dsv3.kernels import fp8_quant as kquant
 
-        if cuda or kquant._interpreting():
-            impl = "triton interpreter" if kquant._interpreting() else "triton"
+        if cuda or kquant.interpreting():
+            impl = "triton interpreter" if kquant.interpreting() else "triton"
             gemm, quant = kgemm.fp8_gemm, kquant.act_quant
         if cuda:
             weight_quant = kquant.weight_quant
@@ -234,10 +234,3 @@ def _print_notes(r: dict) -> None:
     for note in sorted(notes):
         print(f"# scaled_mm unavailable: {note}")
 
-
-def print_table(r: dict) -> None:
-    """The whole table of a result (e.g. one read back from --json-out)."""
-    _print_head(r)
-    for x in r["rows"]:
-        _print_row(x)
-    _print_notes(r)

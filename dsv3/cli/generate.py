@@ -1,8 +1,8 @@
 """Generate from a Hugging Face DeepSeek-V3 checkpoint (or a random preset).
 
-Notes: the help line `dsv3 --help` shows is HELP. `run` is the torchrun wrapper: under
-torchrun (WORLD_SIZE > 1) every rank loads its shard and generates, rank 0 reads the prompts
-and prints. `python -m dsv3.generate` (what torchrun launches) is this command.
+Notes: `run` is the torchrun wrapper: under torchrun (WORLD_SIZE > 1) every rank loads its
+shard and generates, rank 0 reads the prompts and prints. `python -m dsv3.generate` (what
+torchrun launches) is this command.
 """
 
 from __future__ import annotations

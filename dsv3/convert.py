@@ -38,20 +38,6 @@ MARKER_FORMAT = "dsv3-convert/1"
 _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # the ones a user or a scheduler sends to stop a job
 
 
-def add_args(p) -> None:
-    p.add_argument("src", help="Hugging Face DeepSeek-V3 checkpoint directory (read only; never modified)")
-    p.add_argument("dst", help="output directory: must not exist, unless --force and an earlier dsv3 convert wrote it; "
-                               "not SRC, inside SRC or above SRC")
-    p.add_argument("--dtype", required=True, choices=DTYPES,
-                   help="bf16/fp32: dequantise FP8 weights; fp8: quantise to DeepSeek's 128×128 block format "
-                        "(required, no default)")
-    p.add_argument("--force", action="store_true",
-                   help="replace DST if an earlier dsv3 convert wrote it (it holds dsv3-convert.json); "
-                        "never any other directory (default: off)")
-    p.add_argument("--check-weights", action="store_true",
-                   help="scan every tensor for NaN/Inf while converting (default: off)")
-
-
 def run(ns) -> int:
     stats = convert(ns.src, ns.dst, ns.dtype, force=ns.force, check_weights=ns.check_weights)
     print(f"wrote {ns.dst}: {stats['tensors']} tensors in {stats['shards']} shard(s), "

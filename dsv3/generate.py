@@ -1,6 +1,6 @@
 """Entry point for `python -m dsv3.generate ...` (what `torchrun` launches): same as `dsv3 generate`.
 
-The code lives in `dsv3.generation`; import `dsv3.generate` the function, never this module.
+The command lives in `dsv3.cli.generate`; import `dsv3.generate` the function, never this module.
 """
 
 import sys

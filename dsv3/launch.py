@@ -16,11 +16,11 @@ import logging
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     args = parse_args(argv)
     # torchrun's modules each hold a logger with its own level: quiet them all, after they exist
     for name in list(logging.root.manager.loggerDict):

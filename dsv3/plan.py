@@ -25,24 +25,6 @@ RESERVE_FRACTION = 0.05  # of each GPU, kept free for fragmentation
 RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator slack per rank
 
 
-def add_args(p) -> None:
-    from dsv3.options import positive, real
-
-    p.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
-    p.add_argument("--gpus", type=positive, required=True, help="number of GPUs (= ranks), across all nodes")
-    p.add_argument("--gpu-mem-gb", type=real(0, lo_open=True), required=True,
-                   help="memory of one GPU in GB (10^9 bytes)")
-    p.add_argument("--dtype", choices=["fp8", "bf16"], default=None,
-                   help="weight storage (default: the config's, fp8 for 671B)")
-    p.add_argument("--max-seq-len", type=positive, default=None, help="tokens per sequence the cache holds "
-                   "(default: the config's max_seq_len)")
-    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together")
-    p.add_argument("--prefill-tokens", type=positive, default=None,
-                   help="longest prompt processed in one step (default: min(4096, max_seq_len))")
-    p.add_argument("--mtp", action="store_true", help="also hold the MTP module (speculative decoding)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
 def _bytes(module) -> int:
     """Bytes as the release stores them: FP8 weights 1 B, block scales and the gate bias float32, the rest bf16
     (the model builds some small tensors -- norms, gate weight -- in float32 until a checkpoint assigns them)."""

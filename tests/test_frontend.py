@@ -1,4 +1,4 @@
-"""The helpers `dsv3 generate` and `dsv3 chat` share (dsv3.frontend), called directly: token-id parsing,
+"""The helpers `dsv3 generate` and `dsv3 chat` share (dsv3.cli.common, dsv3.cli.generate), called directly: token-id parsing,
 prompt sources and files, encoding, the decode mode, the sampling checks, the streaming printer; and
 `dsv3 chat` driven by a scripted stdin in a real process, against the library's own replies."""
 
@@ -10,7 +10,8 @@ import json
 import pytest
 
 import dsv3
-from dsv3 import frontend as fe
+from dsv3.cli import common as fe
+from dsv3.cli import generate as gen
 from dsv3.errors import UsageError
 from dsv3.testing import run_cli
 from dsv3.tokenizer import Tokenizer
@@ -19,7 +20,7 @@ from dsv3.tokenizer import Tokenizer
 def _ns(**kw) -> argparse.Namespace:
     """The generate command's namespace with its defaults, then kw."""
     p = argparse.ArgumentParser()
-    fe.add_generate_args(p)
+    gen.add_args(p)
     ns = p.parse_args([])
     for k, v in kw.items():
         setattr(ns, k, v)
@@ -105,7 +106,7 @@ def test_encode_prompts(fp8_ckpt):
 @pytest.mark.parametrize("compile_,graph,mode", [(False, False, "readable"), (True, False, "compile"),
                                                  (False, True, "cuda-graph"), (True, True, "compile+cuda-graph")])
 def test_decode_mode(compile_, graph, mode):
-    assert fe.decode_mode(_ns(compile=compile_, cuda_graph=graph)) == mode
+    assert gen.decode_mode(_ns(compile=compile_, cuda_graph=graph)) == mode
     from dsv3.decode_step import DecodeRunner
 
     assert mode == "readable" or mode in DecodeRunner.MODES  # every mode it names exists

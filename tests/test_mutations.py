@@ -41,7 +41,7 @@ MUTATIONS = {
          "test_sampling.py::test_sample_draws_the_reference_distribution[1.3-0.7-0]",
          "test_speculative.py::test_sampling_distribution_unchanged[0-0.75]"]),
     "--mtp ignored": (
-        "dsv3/frontend.py", 'speculative="mtp" if ns.mtp else None', "speculative=None",
+        "dsv3/cli/generate.py", 'speculative="mtp" if ns.mtp else None', "speculative=None",
         ["test_speculative.py::test_cli_mtp_flag_drafts_and_accepts_when_sampling",
          "test_bundled_model.py::test_generate_mtp_on_the_bundled_model_accepts_drafts"]),
     "latent attention off by a transpose": (
@@ -67,12 +67,12 @@ MUTATIONS = {
         "torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1)",
         ["test_mtp_module.py::test_module_is_its_formula"]),
     "streaming printed at the end": (
-        "dsv3/frontend.py", "        sys.stdout.write(piece)\n        sys.stdout.flush()\n",
+        "dsv3/cli/common.py", "        sys.stdout.write(piece)\n        sys.stdout.flush()\n",
         "        self.held = getattr(self, 'held', '') + piece\n",
         ["test_cli_generate.py::test_streaming_writes_tokens_as_they_come",
          "test_frontend.py::test_printer_writes_generated_tokens_of_row_0_only"]),
     "chat keeps a turn that did not fit": (
-        "dsv3/chat.py", "            messages.pop()\n", "",
+        "dsv3/cli/chat.py", "            messages.pop()\n", "",
         ["test_frontend.py::test_chat_script_blank_lines_eof_and_a_full_conversation"]),
 }
 # the streaming mutation holds the pieces back and writes them all in finish()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dsv3 import ModelArgs, Transformer, load_model
 from dsv3 import data as dsdata
 from dsv3 import train as tr
+from dsv3.cli import train as train_cli
 from dsv3.moe import Gate
 
 TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
@@ -30,7 +31,7 @@ def corpus(tmp_path_factory):
 
 def parse(*argv):
     p = argparse.ArgumentParser()
-    tr.add_args(p)
+    train_cli.add_args(p)
     return p.parse_args(list(argv))
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cli_run import assert_user_error, run_dsv3, tree_digest  # tests/ is on sys.path under pytest
 
-from dsv3 import train
 from dsv3 import train_state as tr
+from dsv3.cli import train
 from dsv3.errors import UsageError
 
 TEXT = "Full fathom five thy father lies; of his bones are coral made. Those are pearls that were his eyes. " * 20

@@ -24,42 +24,6 @@ from pathlib import Path
 BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
 
 
-def add_args(p) -> None:
-    from dsv3.options import integer_list, positive, real
-
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="a Hugging Face DeepSeek-V3 directory")
-    src.add_argument("--preset", default="bench", help="write a random checkpoint of this preset once (default: bench)")
-    p.add_argument("--batch", type=integer_list(1), default=(1, 8), help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--prompt", type=integer_list(1), default=(512, 2048),
-                   help="comma-separated prompt lengths (default 512,2048)")
-    p.add_argument("--new", type=positive, default=64, help="decode steps timed per run (default 64)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
-    p.add_argument("--threads", type=positive, default=1, help="torch threads per worker process")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (on CUDA the floor uses --hbm-gb-s)")
-    p.add_argument("--hbm-gb-s", type=real(0, lo_open=True), default=4800.0,
-                   help="GPU memory bandwidth for the floor in GB/s (H200: 4800)")
-    p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
-    p.add_argument("--compare", default="", choices=["", "transformers"], help="'transformers' to time it on the same checkpoint")
-    p.add_argument("--static", action="store_true", help="also time dsv3's static decode step, eager")
-    p.add_argument("--compile", action="store_true",
-                   help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="also time the static step replayed as a CUDA graph (with --compile: the compiled step)")
-    p.add_argument("--repeats", type=positive, default=3, help="fresh-process runs per cell (median reported)")
-    p.add_argument("--contexts", type=integer_list(1), default=(),
-                   help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
-    p.add_argument("--plot", default=None, help="write the step-time-vs-context plot to this PNG")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--worker", default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
-
-
 # ---------------------------------------------------------------------- checkpoint
 def ensure_checkpoint(preset: str, dtype: str) -> Path:
     """A random checkpoint of `preset` in the HF layout, written once and reused."""
@@ -403,9 +367,5 @@ def _plot(curves: dict, floor_ms: float, path: str, dtype: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    sys.exit(run(parser.parse_args()))
+if __name__ == "__main__":  # a measurement in a fresh process (`_spawn`): python -m dsv3.bench.decode --worker SPEC
+    print(json.dumps(worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))))

@@ -47,22 +47,6 @@ PEAKS = {
 }
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    from dsv3.options import integer_list, real
-
-    p.add_argument("--json-out", type=str, default=None, help="also write the JSON object to this file (checked first)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes only (runs on CPU, through the Triton interpreter)")
-    p.add_argument("--m", type=integer_list(1), default=None,
-                   help="comma-separated M values (default: 1,16,128,1024,4096; with --quick 1,16)")
-    p.add_argument("--rep-ms", type=real(0, lo_open=True), default=30.0,
-                   help="GPU: milliseconds of repetitions per measurement")
-    p.add_argument("--peak-fp8", type=real(0, lo_open=True), default=None,
-                   help="dense FP8 peak of this card in TFLOP/s (default: from the card's name)")
-    p.add_argument("--peak-bf16", type=real(0, lo_open=True), default=None,
-                   help="dense BF16 peak of this card in TFLOP/s (default: from the card's name)")
-
-
 def _card_peaks(name: str) -> tuple[float | None, float | None]:
     for key in sorted(PEAKS, key=len, reverse=True):
         if key in name:

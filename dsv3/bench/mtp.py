@@ -24,20 +24,6 @@ PROMPTS = [
 ]
 
 
-def add_args(p) -> None:
-    from dsv3.options import integer, positive
-
-    p.add_argument("--ckpt", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--new", type=positive, default=64, help="new tokens per prompt (default 64)")
-    p.add_argument("--prompts", type=integer(1, len(PROMPTS)), default=8,
-                   help=f"how many of the {len(PROMPTS)} built-in prompts (default 8)")
-    p.add_argument("--batch", type=positive, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--repeats", type=positive, default=3, help="timed passes per decoder, best kept (default 3)")
-    p.add_argument("--threads", type=positive, default=1, help="torch threads")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
 def bundled_dir():
     from pathlib import Path
 

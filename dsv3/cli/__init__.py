@@ -1,7 +1,9 @@
-"""The `dsv3` command: one subcommand per job, each with --help.
+"""The `dsv3` command: one subcommand per job, each with --help, each in its own module of this package.
 
 User mistakes raise a `Dsv3Error`; `main` prints its message on one line and exits 2,
-with no traceback.
+with no traceback. `main` also owns what every command shares at the top: refusing non-UTF-8
+arguments and a closed stdout, a broken pipe, a full disk, signals, and torchrun's ranks
+(only rank 0 prints usage errors; a rank leaves with `os._exit` once its work is done).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import contextlib
 import errno
 import importlib
-import json
 import os
 import signal
 import sys
@@ -18,67 +19,36 @@ import sys
 from dsv3.errors import Dsv3Error
 from dsv3.options import Parser, non_utf8_argument, user_description
 
-
-def _cmd_info(ns: argparse.Namespace) -> int:
-    from dsv3.config import ModelArgs
-    from dsv3.info import info
-
-    args = ModelArgs.load(ns.config)
-    out = info(args)
-    if ns.json:
-        print(json.dumps(out))
-        return 0
-    print(f"config                          {ns.config}")
-    print(f"total parameters (main model)   {out['total_params']:>20,}")
-    print(f"activated per token             {out['active_params']:>20,}  (incl. embedding and head)")
-    print(f"MTP modules ({args.n_mtp_layers})                 {out['mtp_params']:>20,}  (unique parameters)")
-    print(f"KV cache per token, absorbed    {out['kv_cache_bytes_per_token']:>20,} B  (bf16)")
-    print(f"KV cache per token, naive       {out['kv_cache_bytes_per_token_naive']:>20,} B  (bf16)")
-    return 0
+# command -> module. Each module has HELP (its line in `dsv3 --help`), a docstring (the description in
+# `dsv3 COMMAND --help`, up to a line "Notes:"), `add_args(parser)` and `run(namespace) -> int`. Building the
+# parser imports every one of them, so their module-level imports stay light (no torch): each imports its
+# work inside `run`.
+COMMANDS = {
+    "info": "dsv3.cli.info",
+    "generate": "dsv3.cli.generate",
+    "chat": "dsv3.cli.chat",
+    "convert": "dsv3.cli.convert",
+    "plan": "dsv3.cli.plan",
+    "train": "dsv3.cli.train",
+    "bench": "dsv3.cli.bench",
+}
 
 
-def _cmd_generate(ns: argparse.Namespace) -> int:
-    from dsv3.frontend import run_generate
-
-    return run_generate(ns)
+def add_commands(sub, table: dict[str, str], dest: str = "func") -> None:
+    """One subparser per entry of `table` (name -> module), registered from the module's HELP, docstring,
+    add_args and run (stored as `dest` on the namespace)."""
+    for name, module in table.items():
+        mod = importlib.import_module(module)
+        c = sub.add_parser(name, help=mod.HELP, description=user_description(mod.__doc__))
+        mod.add_args(c)
+        c.set_defaults(**{dest: mod.run})
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dsv3", description="DeepSeek-V3, understood and run.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    q = sub.add_parser("info", help="parameter counts and KV-cache size of a config",
-                       description="Total / activated / MTP parameters and KV-cache bytes per token.")
-    q.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
-    q.set_defaults(func=_cmd_info)
-
-    from dsv3.frontend import add_generate_args
-
-    g = sub.add_parser("generate", help="generate text or tokens from a checkpoint or preset",
-                       description="Generate from a Hugging Face DeepSeek-V3 checkpoint (or a random preset).")
-    add_generate_args(g)
-    g.set_defaults(func=_cmd_generate)
-
-    # Commands that live in their own module: each module has `add_args(parser)` and
-    # `run(namespace) -> int`, and help text in its docstring's first line.
-    for name, module in COMMAND_MODULES.items():
-        mod = importlib.import_module(module)
-        c = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0],
-                           description=user_description(mod.__doc__))
-        mod.add_args(c)
-        c.set_defaults(func=mod.run)
+    add_commands(sub, COMMANDS)
     return p
-
-
-# command -> module; each module is imported only when the parser is built
-COMMAND_MODULES = {
-    "chat": "dsv3.chat",
-    "convert": "dsv3.convert",
-    "plan": "dsv3.plan",
-    "train": "dsv3.train",
-    "bench": "dsv3.bench",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +102,3 @@ def _run(ns) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"dsv3 {name}: error: cannot write to standard output ({os.strerror(e.errno)})", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import sys
 
+from dsv3.cli.args import add_model_args, add_sampling_args
+from dsv3.errors import UsageError
+
+HELP = "Chat with a checkpoint in the terminal: multi-turn through its chat template; /exit, /clear."
+
 
 def add_args(p) -> None:
-    from dsv3.frontend import add_model_args, add_sampling_args
-
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=256)
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
@@ -27,8 +30,7 @@ def run(ns) -> int:
 
 def _chat(ns) -> int:
     from dsv3 import distributed
-    from dsv3.errors import UsageError
-    from dsv3.frontend import Printer, check_sampling_args, load
+    from dsv3.cli.common import Printer, check_sampling_args, load
     from dsv3.generation import generate
 
     group = distributed.current_group()

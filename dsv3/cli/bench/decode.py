@@ -1,0 +1,54 @@
+"""Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor.
+
+Every measurement runs in a fresh process (`--worker`), implementations alternate
+run by run, and the table reports medians and ratios. The floor is the time to
+read, once, the weights a decode step must touch -- the activated parameters
+without the embedding table (a lookup reads one row) -- at this machine's measured
+single-stream read bandwidth (an fp32 matrix-vector product over 256 MB).
+For batch B, the routed experts touched per step are the expected number of
+distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
+Both implementations compute what generation needs: the last position's logits
+(dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dsv3.options import integer_list, positive, real
+
+HELP = "Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor."
+
+
+def add_args(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="a Hugging Face DeepSeek-V3 directory")
+    src.add_argument("--preset", default="bench", help="write a random checkpoint of this preset once (default: bench)")
+    p.add_argument("--batch", type=integer_list(1), default=(1, 8), help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt", type=integer_list(1), default=(512, 2048),
+                   help="comma-separated prompt lengths (default 512,2048)")
+    p.add_argument("--new", type=positive, default=64, help="decode steps timed per run (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p.add_argument("--threads", type=positive, default=1, help="torch threads per worker process")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (on CUDA the floor uses --hbm-gb-s)")
+    p.add_argument("--hbm-gb-s", type=real(0, lo_open=True), default=4800.0,
+                   help="GPU memory bandwidth for the floor in GB/s (H200: 4800)")
+    p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
+    p.add_argument("--compare", default="", choices=["", "transformers"], help="'transformers' to time it on the same checkpoint")
+    p.add_argument("--static", action="store_true", help="also time dsv3's static decode step, eager")
+    p.add_argument("--compile", action="store_true",
+                   help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time the static step replayed as a CUDA graph (with --compile: the compiled step)")
+    p.add_argument("--repeats", type=positive, default=3, help="fresh-process runs per cell (median reported)")
+    p.add_argument("--contexts", type=integer_list(1), default=(),
+                   help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")
+    p.add_argument("--plot", default=None, help="write the step-time-vs-context plot to this PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def run(ns) -> int:
+    from dsv3.bench import decode
+
+    return decode.run(ns)

@@ -1,0 +1,30 @@
+"""Total / activated / MTP parameters and KV-cache bytes per token."""
+
+from __future__ import annotations
+
+import json
+
+HELP = "parameter counts and KV-cache size of a config"
+
+
+def add_args(p) -> None:
+    p.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(ns) -> int:
+    from dsv3.config import ModelArgs
+    from dsv3.info import info
+
+    args = ModelArgs.load(ns.config)
+    out = info(args)
+    if ns.json:
+        print(json.dumps(out))
+        return 0
+    print(f"config                          {ns.config}")
+    print(f"total parameters (main model)   {out['total_params']:>20,}")
+    print(f"activated per token             {out['active_params']:>20,}  (incl. embedding and head)")
+    print(f"MTP modules ({args.n_mtp_layers})                 {out['mtp_params']:>20,}  (unique parameters)")
+    print(f"KV cache per token, absorbed    {out['kv_cache_bytes_per_token']:>20,} B  (bf16)")
+    print(f"KV cache per token, naive       {out['kv_cache_bytes_per_token_naive']:>20,} B  (bf16)")
+    return 0

@@ -20,9 +20,9 @@ from dsv3.checkpoint import default_checkpoint, load_model
 from dsv3.cli.args import DTYPES
 from dsv3.config import ModelArgs
 from dsv3.errors import UsageError
-from dsv3.sampling import check_sampling
 from dsv3.memory import check_fits, module_bytes
 from dsv3.model import Transformer
+from dsv3.sampling import check_sampling
 from dsv3.tokenizer import Tokenizer
 
 

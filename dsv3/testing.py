@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import dsv3_name_to_hf, is_quantized_in_release, meta_state
 from dsv3.config import ModelArgs
+from dsv3.names import dsv3_name_to_hf, is_quantized_in_release, meta_state
 
 # Special tokens of the DeepSeek-V3 tokenizer that the chat template uses ("▁" is U+2581).
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

@@ -204,7 +204,7 @@ def check_args(ns) -> dict | None:
 # ---------------------------------------------------------------------- checkpoints
 def hf_state_dict(model) -> dict:
     """The model's tensors under their Hugging Face names, with the MTP layer's copies of embedding and head."""
-    from dsv3.checkpoint import MTP_SHARED_COPIES, dsv3_to_hf
+    from dsv3.names import MTP_SHARED_COPIES, dsv3_to_hf
 
     args = model.args
     names = dsv3_to_hf(args)
@@ -362,11 +362,11 @@ def load_weights_into(model, ckpt_dir: Path) -> None:
     """Copy the weights of an HF-layout checkpoint into an already built model (keeps requires_grad)."""
     from safetensors.torch import load_file
 
-    from dsv3.checkpoint import hf_to_dsv3
+    from dsv3.names import Kind, classify
 
     state = {}
     for hf, t in load_file(str(ckpt_dir / "model.safetensors")).items():
-        r = hf_to_dsv3(hf, model.args)
-        if r is not None and not r[0].startswith("mtp-copy:"):
-            state[r[0]] = t
+        n = classify(hf, model.args)
+        if n is not None and n.kind in (Kind.WEIGHT, Kind.SCALE):
+            state[n.ours] = t
     model.load_state_dict(state, strict=True)

@@ -293,8 +293,8 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     """A tensor missing from the index: a DistributedError naming it (in-process, one gloo rank)."""
     import torch.distributed as dist
 
+    from dsv3.checkpoint import load_model
     from dsv3.errors import DistributedError
-    from dsv3.parallel import load_model_parallel
 
     bad = tmp_path / "ckpt"
     bad.mkdir()
@@ -306,7 +306,7 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(DistributedError, match=r"1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
-            load_model_parallel(bad, dist.group.WORLD)
+            load_model(bad, group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 

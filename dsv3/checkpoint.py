@@ -46,7 +46,7 @@ from dsv3.names import (  # noqa: F401 (re-exported)
     meta_state,
 )
 from dsv3.parallel import add_collectives, check_world_size, shard_model
-from dsv3.safetensors_io import ShardReader, TensorInfo, by_file, read_header
+from dsv3.safetensors_io import ShardReader, TensorInfo, by_file, read_header, write_index, write_shard
 
 
 def default_checkpoint() -> Path:
@@ -586,13 +586,27 @@ def progress_bar(total: int, enabled: bool | None):
                 leave=False)
 
 
-def save_model(model, path) -> None:
-    """Write `model` as a Hugging Face DeepSeek-V3 directory (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
+def hf_state(model, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
+    """The model's tensors under their Hugging Face names (+ the MTP layers' copies of embedding and head)."""
+    args, sd = model.args, model.state_dict()
+    out = {dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in sd.items()}
+    for k in range(args.n_mtp_layers if mtp_copies else 0):
+        for hf_suffix, ours in MTP_SHARED_COPIES.items():
+            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
+    return out
 
+
+def save_model(model, path, *, mtp_copies: bool = False, shard_of=None, config: dict | None = None) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 directory: config.json (`config` updates it) + model.safetensors,
+    or with `shard_of` (HF name -> shard file name) several shards and a model.safetensors.index.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    args = model.args
-    tensors = {dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in model.state_dict().items()}
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in hf_state(model, mtp_copies).items():
+        shards.setdefault(shard_of(name) if shard_of else "model.safetensors", {})[name] = t
+    for fname, tensors in shards.items():
+        write_shard(path / fname, tensors)
+    if shard_of:
+        write_index(path, {n: f for f, ts in shards.items() for n in ts},
+                    sum(t.numel() * t.element_size() for ts in shards.values() for t in ts.values()))
+    (path / "config.json").write_text(json.dumps({**model.args.to_hf_config(), **(config or {})}, indent=2))

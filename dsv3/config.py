@@ -154,6 +154,14 @@ class ModelArgs:
         return presets[name].replace(**overrides) if overrides else presets[name]
 
     @classmethod
+    def tiny(cls, name: str = "tiny", **overrides: Any) -> ModelArgs:
+        """A member of the tiny family (`tiny_family`: tiny, tiny-hf, tiny-dist, tiny-lm) with `overrides`."""
+        family = tiny_family()
+        if name not in family:
+            raise ConfigError(f"unknown tiny config {name!r}; choose one of {sorted(family)}")
+        return family[name].replace(**overrides) if overrides else family[name]
+
+    @classmethod
     def presets(cls) -> list[str]:
         return sorted(_presets())
 
@@ -377,6 +385,15 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if bool(norm) != (score == "sigmoid"):
         raise ConfigError(f"{source}: norm_topk_prob={norm} with scoring_func={score!r} is not a DeepSeek "
                           "combination (sigmoid renormalises the top-k weights, softmax does not)")
+    _hf_rope(cfg, out, source)
+    _hf_quantization(cfg.get("quantization_config"), out, source)
+    if "n_routed_experts" not in out:  # a dense-only config
+        out["n_dense_layers"] = out["n_layers"]
+    return out
+
+
+def _hf_rope(cfg: dict[str, Any], out: dict[str, Any], source: str) -> None:
+    """rope_scaling (or rope_parameters) -> the YaRN fields of `out`."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     rtype = (rs or {}).get("type", (rs or {}).get("rope_type", "default")) if rs else "default"
     if rs and "rope_theta" in rs and "rope_theta" not in cfg:
@@ -407,7 +424,10 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         out["mscale"] = 0.0
     else:
         raise ConfigError(f"{source}: rope_scaling type {rtype!r} unsupported (expected 'yarn' or none)")
-    q = cfg.get("quantization_config")
+
+
+def _hf_quantization(q: dict | None, out: dict[str, Any], source: str) -> None:
+    """quantization_config -> dtype "fp8", block_size, scale_fmt in `out`."""
     if q:
         if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
             raise ConfigError(f"{source}: quantization_config {q} unsupported (expected fp8 e4m3 blocks)")
@@ -418,20 +438,43 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         out["block_size"] = bs[0]
         if q.get("scale_fmt"):
             out["scale_fmt"] = q["scale_fmt"]
-    if "n_routed_experts" not in out:  # a dense-only config
-        out["n_dense_layers"] = out["n_layers"]
-    return out
+
+
+def tiny_family() -> dict[str, ModelArgs]:
+    """The small configs, one family, each shaped for what it is used for (different on purpose):
+
+    tiny       every feature on, sized for a CPU forward in milliseconds; dims deliberately not powers of two
+    tiny-hf    FP8 with partial 128-blocks (dims 200, 136, 160, ...): dsv3.testing's HF-layout checkpoints
+    tiny-dist  what 1, 2 and 4 ranks split: 4 heads, 8 experts, vocabulary 256 (FP8 with block_size=8)
+    tiny-lm    the bundled model (dsv3/assets/dsv3-tiny), trained by `dsv3 train`; vocab_size from the tokenizer
+    """
+    common = dict(n_shared_experts=1, score_func="sigmoid", route_scale=2.5, rope_factor=4.0, n_mtp_layers=1)
+    return {
+        "tiny": ModelArgs(
+            max_seq_len=256, vocab_size=512, dim=96, inter_dim=192, moe_inter_dim=48, n_layers=3,
+            n_dense_layers=1, n_heads=3, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+            n_limited_groups=2, q_lora_rank=40, kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16,
+            v_head_dim=24, original_seq_len=64, **common),
+        "tiny-hf": ModelArgs(
+            max_seq_len=128, vocab_size=320, dim=200, inter_dim=264, moe_inter_dim=72, n_layers=2, n_dense_layers=1,
+            n_heads=2, n_routed_experts=4, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
+            q_lora_rank=136, kv_lora_rank=144, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+            original_seq_len=64, dtype="fp8", **common),
+        "tiny-dist": ModelArgs(
+            max_seq_len=64, vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
+            n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
+            q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            original_seq_len=32, **common),
+        "tiny-lm": ModelArgs(
+            max_seq_len=512, vocab_size=2048, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4, n_dense_layers=1,
+            n_heads=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+            q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+            original_seq_len=128, mscale=1.0, **common),
+    }
 
 
 def _presets() -> dict[str, ModelArgs]:
-    tiny = ModelArgs(
-        # every feature on, sized for a CPU forward in milliseconds; dims deliberately not powers of two
-        max_seq_len=256, vocab_size=512, dim=96, inter_dim=192, moe_inter_dim=48, n_layers=3,
-        n_dense_layers=1, n_heads=3, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
-        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=40,
-        kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=64,
-        rope_factor=4.0, n_mtp_layers=1,
-    )
+    tiny = tiny_family()["tiny"]
     bench = ModelArgs(
         # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times against transformers
         max_seq_len=4096, vocab_size=32000, dim=512, inter_dim=2048, moe_inter_dim=256, n_layers=8,

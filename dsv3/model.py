@@ -18,6 +18,7 @@ from dsv3.config import ModelArgs
 from dsv3.layers import MLP, Linear, RMSNorm
 from dsv3.mla import MLA, MLACache
 from dsv3.moe import MoE
+from dsv3.mtp import MTPModule
 from dsv3.rope import Rotary
 
 
@@ -57,14 +58,13 @@ class Cache:
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
-        from dsv3.mtp import MTPModule  # mtp builds on Block
-
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.head = Linear(args.dim, args.vocab_size, dtype=dtype)  # never quantised in the release
-        self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args, dtype) for k in range(args.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPModule(Block(args.n_layers + k, args, dtype), args, dtype)
+                                 for k in range(args.n_mtp_layers))
         self.rotary = Rotary(args)
         if not self.embed.weight.is_meta:
             self.init_weights()

@@ -83,8 +83,10 @@ def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
 
 
 def kv_cache_bytes_per_rank(args, batch: int, max_seq_len: int, mtp: bool = False) -> int:
-    layers = args.n_layers + (args.n_mtp_layers if mtp else 0)
-    return batch * max_seq_len * (args.kv_lora_rank + args.qk_rope_head_dim) * 2 * layers
+    """The latent cache of `batch` sequences of `max_seq_len` tokens (replicated on every rank; bf16)."""
+    from dsv3.info import kv_cache_bytes_per_token  # imports torch: only when planning
+
+    return batch * max_seq_len * kv_cache_bytes_per_token(args, mtp=mtp)
 
 
 def workspace_bytes_per_rank(args, world: int, batch: int, prefill: int) -> int:

@@ -4,7 +4,8 @@ Parsing the header ourselves lets every check (names, shapes, dtypes, truncation
 before a single tensor byte is read, and lets the loader drop each tensor's pages from
 the process as soon as it has been copied (the bound on resident memory). `ST_DTYPES`
 (safetensors dtype name -> torch dtype) and its inverse `ST_NAMES` are the one table that
-both the reader here and `dsv3.convert`'s streaming writer use.
+both the reader here and `dsv3.convert`'s streaming writer use; `write_shard` / `write_index` write
+whole shards (save_model, the test checkpoints).
 """
 
 from __future__ import annotations
@@ -131,3 +132,16 @@ def by_file(infos) -> list[tuple[Path, list[TensorInfo]]]:
     for i in infos:
         by.setdefault(i.file, []).append(i)
     return [(f, sorted(v, key=lambda i: i.start)) for f, v in sorted(by.items())]
+
+
+def write_shard(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One .safetensors file (contiguous copies where needed; metadata format "pt" plus `metadata`)."""
+    from safetensors.torch import save_file  # the writer: only the commands that write need it
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt", **(metadata or {})})
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: tensor name -> shard file, sorted, with the total byte size."""
+    (Path(path) / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))

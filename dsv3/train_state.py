@@ -2,7 +2,7 @@
 
 Arguments: `check_args` checks every flag and --out before any data is read, anything written
 or torch imported, and raises a one-line `UsageError` naming the flag and the accepted range;
-`model_args` builds the ModelArgs from --config (default: the bundled model's shape, `TINY_LM`)
+`model_args` builds the ModelArgs from --config (default: the bundled model's shape, the tiny-lm config)
 and the --set overrides.
 
 State: a checkpoint directory is an ordinary Hugging Face DeepSeek-V3 directory (config.json +
@@ -23,15 +23,6 @@ from pathlib import Path
 
 from dsv3.errors import UsageError
 
-# The architecture of the bundled model (dsv3/assets/dsv3-tiny): every DeepSeek-V3
-# feature, scaled to train on two CPU cores in well under an hour. vocab_size comes
-# from the tokenizer.
-TINY_LM = dict(
-    max_seq_len=512, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4, n_dense_layers=1, n_heads=4,
-    n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
-    score_func="sigmoid", route_scale=2.5, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=16, v_head_dim=16, original_seq_len=128, rope_factor=4.0, mscale=1.0, n_mtp_layers=1,
-)
 MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte tokens + DeepSeek's special tokens (dsv3.data.SPECIAL_TOKENS)
 MAX_VOCAB = 1 << 20
 
@@ -100,10 +91,10 @@ def _set_changes(ns) -> dict:
 
 
 def model_args(ns, vocab_size: int):
-    """The ModelArgs of a fresh run: --config (default: TINY_LM) with --set and the tokenizer's vocabulary."""
+    """The ModelArgs of a fresh run: --config (default: ModelArgs.tiny("tiny-lm")) with --set and the tokenizer's vocabulary."""
     from dsv3.config import ModelArgs
 
-    args = ModelArgs.load(ns.config) if ns.config else ModelArgs(**TINY_LM, vocab_size=vocab_size)
+    args = ModelArgs.load(ns.config) if ns.config else ModelArgs.tiny("tiny-lm", vocab_size=vocab_size)
     args = args.replace(**{**_set_changes(ns), "vocab_size": vocab_size})
     if ns.seq_len > args.max_seq_len:
         raise UsageError(f"--seq-len {ns.seq_len} exceeds max_seq_len {args.max_seq_len}")
@@ -202,20 +193,6 @@ def check_args(ns) -> dict | None:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def hf_state_dict(model) -> dict:
-    """The model's tensors under their Hugging Face names, with the MTP layer's copies of embedding and head."""
-    from dsv3.names import MTP_SHARED_COPIES, dsv3_to_hf
-
-    args = model.args
-    names = dsv3_to_hf(args)
-    sd = model.state_dict()
-    out = {names[k]: v.detach().contiguous() for k, v in sd.items()}
-    for k in range(args.n_mtp_layers):
-        for hf_suffix, ours in MTP_SHARED_COPIES.items():
-            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
-    return out
-
-
 def _replace_text(path: Path, text: str) -> None:
     """Write `path` via a temporary file and a rename: a reader sees the old or the new content, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -229,17 +206,18 @@ def save_checkpoint(model, out_dir: Path, trainer_state: dict | None = None) -> 
     With a trainer state, every file is written to `*.tmp` first and the renames come last, trainer_state.json
     last of all: it is what marks the directory resumable, and its step is recorded in the two tensor files
     so that a resume can tell a save that was cut between two renames (see `read_trainer_state`)."""
-    from safetensors.torch import save_file
+    from dsv3.checkpoint import hf_state
+    from dsv3.safetensors_io import write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.args.to_hf_config()
     cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     cfg["bos_token_id"], cfg["eos_token_id"] = 0, 1
-    meta = {"format": "pt"}
+    meta = {}
     if trainer_state is not None:
         meta["dsv3_train_step"] = str(trainer_state["step"])
     tmp = out_dir / "model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata=meta)
+    write_shard(tmp, hf_state(model), meta)
     staged = [tmp] if trainer_state is None else [tmp, *_stage_trainer_state(trainer_state, out_dir)]
     for f in staged:
         f.replace(f.with_name(f.name.removesuffix(".tmp")))

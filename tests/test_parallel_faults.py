@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 from cli_run import assert_user_error, run_dsv3
 from safetensors.torch import load_file, save_file
-from tiny_ckpt import write_tiny_checkpoint
 
 from dsv3.checkpoint import BUNDLED_MODEL_DIR
 from dsv3.config import ModelArgs
 from dsv3.errors import ConfigError
 from dsv3.parallel import check_world_size, valid_world_sizes
+from dsv3.testing import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,21 +30,27 @@ from dsv3.fp8 import weight_dequant
 from dsv3.layers import column_major_
 from dsv3.memory import check_fits
 from dsv3.model import Transformer
-from dsv3.names import (  # noqa: F401 (re-exported)
-    MTP_SHARED_COPIES,
-    NAME_TABLE,
+from dsv3.names import (
     Kind,
-    block_shard_dims,
     classify,
     dsv3_name_to_hf,
-    dsv3_to_hf,
-    hf_layer_index,
-    hf_to_dsv3,
-    is_quantized_in_release,
-    meta_state,
+    hf_state,
+    is_quantized_in_release,  # noqa: F401 (ck.is_quantized_in_release: the rule, as checkpoint readers know it)
+    mtp_layers_present,
+    stored_state,
 )
 from dsv3.parallel import add_collectives, check_world_size, shard_model
-from dsv3.safetensors_io import ShardReader, TensorInfo, by_file, read_header, write_index, write_shard
+from dsv3.safetensors_io import (
+    ShardReader,  # noqa: F401 (the reader every load goes through; tests patch ck.ShardReader.read)
+    SliceReader,
+    TensorInfo,
+    by_file,
+    group_names,
+    iter_tensors,  # noqa: F401 (re-exported: dsv3.checkpoint.iter_tensors in the notebooks)
+    scan,
+    write_index,
+    write_shard,
+)
 
 
 def default_checkpoint() -> Path:
@@ -59,46 +63,6 @@ def default_checkpoint() -> Path:
 
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "dsv3-tiny"
-
-
-# ---------------------------------------------------------------------- checks (no tensor read)
-def weight_map(path: Path) -> dict[str, str]:
-    """HF tensor name -> shard file name, from the index or the single model.safetensors."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            assert isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (expected {{\"weight_map\": "
-                                  "{tensor name: shard file}}})") from None
-        missing = sorted({f for f in wm.values() if not (path / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{index}: shard file(s) listed in the index are missing: {_group(missing)}")
-        return wm
-    single = path / "model.safetensors"
-    if single.is_file():
-        return {k: single.name for k in read_header(single)}
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def scan(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint with its location, index and shard headers cross-checked."""
-    path = Path(path)
-    wm = weight_map(path)
-    headers = {f: read_header(path / f) for f in sorted(set(wm.values()))}
-    out: dict[str, TensorInfo] = {}
-    absent = []
-    for name, f in wm.items():
-        info = headers[f].get(name)
-        if info is None:
-            absent.append(f"{name} (in {f})")
-        else:
-            out[name] = info
-    if absent:
-        raise CheckpointError(f"{path}: the index lists tensor(s) their shard does not contain: {_group(absent)}")
-    return out
 
 
 @dataclass
@@ -177,7 +141,7 @@ def plan_load(path, dtype: torch.dtype | None, overrides: dict, rank: tuple[int,
             raise CheckpointError(f"{path}: {len(scales)} FP8 tensor(s) (e.g. {scales[0]}) but config.json has no "
                                   "quantization_config (expected bf16/fp32 weights, or an FP8 config)")
     if "n_mtp_layers" not in overrides:
-        overrides = _mtp_layers_present(ckpt_args, tensors, overrides)
+        overrides = mtp_layers_present(ckpt_args, tensors, overrides)
     mtp_override = "n_mtp_layers" in overrides
     model_over = dict(overrides)
     if dtype is not None and ckpt_args.dtype == "fp8":
@@ -187,7 +151,7 @@ def plan_load(path, dtype: torch.dtype | None, overrides: dict, rank: tuple[int,
     with torch.device("meta"):
         model = Transformer(args)
     plan = LoadPlan(path, ckpt_args, args, tensors, expected=model.state_dict(), model=model)
-    ckpt_expected = plan.expected if args.dtype == ckpt_args.dtype else _as_stored(plan.expected, ckpt_args)
+    ckpt_expected = plan.expected if args.dtype == ckpt_args.dtype else stored_state(plan.expected, ckpt_args)
 
     unexpected = _map_names(plan, ckpt_expected, mtp_override)
     missing = sorted(set(plan.expected) - set(plan.mapping))
@@ -205,21 +169,6 @@ def plan_load(path, dtype: torch.dtype | None, overrides: dict, rank: tuple[int,
     return plan
 
 
-def _as_stored(expected: dict[str, torch.Tensor], ckpt_args: ModelArgs) -> dict[str, torch.Tensor]:
-    """The state an FP8 checkpoint stores for a model built dequantised (`expected`): the release's quantized
-    weights as float8_e4m3fn, each with its float32 block scale (what a meta model of `ckpt_args` holds)."""
-    if ckpt_args.dtype != "fp8":
-        return meta_state(ckpt_args)
-    bs, out = ckpt_args.block_size, {}
-    for name, t in expected.items():
-        if name.endswith(".weight") and t.dim() == 2 and is_quantized_in_release(dsv3_name_to_hf(name, ckpt_args)):
-            out[name] = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device="meta")
-            out[name[: -len(".weight")] + ".scale"] = torch.empty([-(-d // bs) for d in t.shape], device="meta")
-        else:
-            out[name] = t
-    return out
-
-
 def _rank_mismatch_message(path: Path, rank: tuple[int, int], missing: list[str], unexpected: list[str]) -> str:
     parts = [f"{path}: checkpoint does not match config.json (rank {rank[0]} of {rank[1]})"]
     for what, names in (("missing", missing), ("unexpected", unexpected)):
@@ -227,20 +176,6 @@ def _rank_mismatch_message(path: Path, rank: tuple[int, int], missing: list[str]
             more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
             parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
     return "; ".join(parts)
-
-
-def _mtp_layers_present(ckpt_args: ModelArgs, tensors: dict[str, TensorInfo], overrides: dict) -> dict:
-    """`overrides` with n_mtp_layers lowered to the MTP modules the checkpoint holds, when it holds fewer.
-
-    transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
-    tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error)."""
-    layers_present = {hf_layer_index(n) for n in tensors} - {None}
-    present = 0
-    while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
-        present += 1
-    if present < ckpt_args.n_mtp_layers:
-        overrides = {**overrides, "n_mtp_layers": present}
-    return overrides
 
 
 def _map_names(plan: LoadPlan, ckpt_expected: dict[str, torch.Tensor], mtp_override: bool) -> list[str]:
@@ -317,12 +252,12 @@ def _missing_message(path: Path, args: ModelArgs, missing: list[str], unexpected
     others = [n for n in missing if not n.endswith(".scale")]
     if scales and not others:
         hf = [dsv3_name_to_hf(n, args) for n in scales]
-        parts.append(f"{len(hf)} FP8 weight(s) without weight_scale_inv: {_group(hf)}")
+        parts.append(f"{len(hf)} FP8 weight(s) without weight_scale_inv: {group_names(hf)}")
     elif missing:
         hf = [_safe_hf(n, args) for n in missing]
-        parts.append(f"{len(hf)} missing tensor(s): {_group(hf)}")
+        parts.append(f"{len(hf)} missing tensor(s): {group_names(hf)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensor(s): {_group(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected tensor(s): {group_names(unexpected)}")
     return "; ".join(parts)
 
 
@@ -333,48 +268,7 @@ def _safe_hf(name: str, args: ModelArgs) -> str:
         return name
 
 
-def _group(names: list[str], limit: int = 12) -> str:
-    """Collapse indices so long lists stay readable: model.layers.{3..60}.mlp.experts.{0..255}.up_proj.weight (×14848)."""
-    groups: dict[str, list[list[int]]] = {}
-    for n in names:
-        key = re.sub(r"(?<=\.)\d+(?=\.)", "#", n)
-        groups.setdefault(key, []).append([int(x) for x in re.findall(r"(?<=\.)\d+(?=\.)", n)])
-    shown = []
-    for key, idx in groups.items():
-        parts = key.split("#")
-        out = parts[0]
-        for j, rest in enumerate(parts[1:]):
-            vals = sorted({i[j] for i in idx})
-            if len(vals) == 1:
-                out += str(vals[0])
-            elif vals == list(range(vals[0], vals[-1] + 1)):
-                out += f"{{{vals[0]}..{vals[-1]}}}"
-            else:
-                out += "{" + ",".join(map(str, vals)) + "}" if len(vals) <= 6 else "*"
-            out += rest
-        shown.append(f"{out} (×{len(idx)})" if len(idx) > 1 else out)
-    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
-
-
 # ---------------------------------------------------------------------- loading
-def iter_tensors(path: Path, names: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) shard by shard in file order, one tensor at a time (memory-mapped reads).
-
-    `names` (HF name -> shard file) restricts the set; default: the whole checkpoint.
-    """
-    infos = scan(path)
-    if names is not None:
-        infos = {n: infos[n] for n in names}
-    for file, group in by_file(infos.values()):
-        reader = ShardReader(file)
-        try:
-            for info in group:
-                yield info.name, reader.read(info)
-        finally:
-            reader.close()
-
-
 def load_model(path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", group=None,
                check_weights: bool = False, progress: bool | None = None, **overrides):
     """Load a Hugging Face DeepSeek-V3 directory into a `dsv3.Transformer`, one tensor at a time.
@@ -416,7 +310,7 @@ def load_rank(path, rank: int, world: int, *, dtype: torch.dtype | None = None, 
     model = shard_model(plan.model, rank, world)
     local = model.state_dict()
     todo = {o: h for o, h in plan.mapping.items() if o in local}  # not another rank's experts
-    read = _PlanReader(plan, check_weights, rank, world)
+    read = SliceReader(plan.tensors, check_weights, rank)
     cast_to = dtype or plan.compute_dtype
     check_fits(_weight_bytes(plan, todo, local, dtype, cast_to), device, f"the weights of {plan.path}")
     bar = progress_bar(sum(plan.tensors[h].nbytes for h in todo.values()), progress)
@@ -428,41 +322,11 @@ def load_rank(path, rank: int, world: int, *, dtype: torch.dtype | None = None, 
         read.close()
     left = [n for n, t in model.state_dict().items() if t.is_meta]
     if left:
-        raise CheckpointError(f"{plan.path}: tensors not loaded: {_group(left)}")
+        raise CheckpointError(f"{plan.path}: tensors not loaded: {group_names(left)}")
     model.rotary._table = None
     if world == 1 and model.head.weight.device.type == "cpu":
         column_major_(model.head)
     return model.eval()
-
-
-class _PlanReader:
-    """`read(hf_name, fn, dim, n)`: fn (default: a copy) on the tensor's mapped bytes -- this rank's `n` rows
-    (dim 0) or columns (dim 1) when `dim` is given -- scanned for NaN/Inf first when `check_weights`;
-    each shard is opened on first use, all closed by `close()`."""
-
-    def __init__(self, plan: LoadPlan, check_weights: bool, rank: int = 0, world: int = 1):
-        self.plan, self.check_weights, self.rank, self.world = plan, check_weights, rank, world
-        self.readers: dict[Path, ShardReader] = {}
-
-    def __call__(self, hf_name: str, fn=None, dim: int | None = None, n: int = 0):
-        info, r = self.plan.tensors[hf_name], self.rank
-
-        def checked(view):
-            where = ""
-            if dim is not None:  # this rank's slice only: together the ranks cover every value once
-                view = view.narrow(dim, r * n, n)
-                where = f" of rank {r}'s slice (dim {dim}, {r * n}..{(r + 1) * n - 1})"
-            if self.check_weights:
-                check_finite(view, info.file, info.name, where)
-            return fn(view) if fn else view.clone()
-
-        if info.file not in self.readers:
-            self.readers[info.file] = ShardReader(info.file)
-        return self.readers[info.file].read(info, checked)
-
-    def close(self) -> None:
-        for r in self.readers.values():
-            r.close()
 
 
 def _target_dtype(ours: str, stored: torch.dtype, cast_to: torch.dtype) -> torch.dtype:
@@ -481,7 +345,7 @@ def _weight_bytes(plan: LoadPlan, todo: dict[str, str], local: dict[str, torch.T
     return sum(local[o].numel() * loaded_dtype(o, plan.tensors[h]).itemsize for o, h in todo.items())
 
 
-def _load_tensors(model, plan: LoadPlan, todo: dict[str, str], local: dict[str, torch.Tensor], read: _PlanReader,
+def _load_tensors(model, plan: LoadPlan, todo: dict[str, str], local: dict[str, torch.Tensor], read: SliceReader,
                   dtype: torch.dtype | None, cast_to: torch.dtype, device: torch.device, bar) -> None:
     """This rank's tensors into `model`, shard by shard in file order, converted straight from the mapped bytes."""
     hf_to_ours = {h: o for o, h in todo.items()}
@@ -506,7 +370,7 @@ def _cut_dim(full: tuple[int, ...], local: tuple[int, ...]) -> int | None:
     return cut[0] if cut else None
 
 
-def _dequantised(plan: LoadPlan, read: _PlanReader, ours: str, info: TensorInfo, dim: int | None, n: int,
+def _dequantised(plan: LoadPlan, read: SliceReader, ours: str, info: TensorInfo, dim: int | None, n: int,
                  out: torch.dtype, device: torch.device) -> torch.Tensor:
     """This rank's slice of an FP8 weight, dequantised where it will live (on a GPU the float32 temporaries
     never touch host memory). A slice that starts or ends inside a scale block (e.g. 64 of 128 rows) is fine:
@@ -529,7 +393,7 @@ def _dequantised(plan: LoadPlan, read: _PlanReader, ours: str, info: TensorInfo,
     return read(info.name, partial, dim, n)
 
 
-def _check_mtp_copies(model, plan: LoadPlan, read: _PlanReader, world: int = 1) -> None:
+def _check_mtp_copies(model, plan: LoadPlan, read: SliceReader, world: int = 1) -> None:
     """The MTP layer's copies of embedding and head must equal the main ones (dsv3 keeps one of each); a rank
     compares its rows of them."""
     for hf_name, main in plan.copies.items():
@@ -555,27 +419,6 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[attr] = t
 
 
-def check_finite(t: torch.Tensor, file, name: str, where: str = "") -> None:
-    """Raise CheckpointError naming `file` and tensor `name` if `t` holds a NaN/Inf.
-
-    `where` qualifies the flat index when `t` is a slice (a parallel rank's share).
-    """
-    flat = t.reshape(-1)
-    step = 1 << 22
-    for i in range(0, flat.numel(), step):
-        chunk = flat[i: i + step]
-        if chunk.dtype == torch.float8_e4m3fn:
-            bad = (chunk.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn has NaN only, no Inf
-        elif chunk.is_floating_point():
-            bad = ~torch.isfinite(chunk)
-        else:
-            return
-        if bad.any():
-            j = i + int(bad.nonzero()[0, 0])
-            raise CheckpointError(f"{file}: tensor {name} holds NaN/Inf ({int(bad.sum())}+ value(s), "
-                                  f"first at flat index {j}{where}); expected finite weights")
-
-
 def progress_bar(total: int, enabled: bool | None):
     """A tqdm bar of bytes (`enabled` None: only on a terminal)."""
     from tqdm import tqdm
@@ -584,16 +427,6 @@ def progress_bar(total: int, enabled: bool | None):
         enabled = sys.stderr.isatty()
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not enabled,
                 leave=False)
-
-
-def hf_state(model, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
-    """The model's tensors under their Hugging Face names (+ the MTP layers' copies of embedding and head)."""
-    args, sd = model.args, model.state_dict()
-    out = {dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in sd.items()}
-    for k in range(args.n_mtp_layers if mtp_copies else 0):
-        for hf_suffix, ours in MTP_SHARED_COPIES.items():
-            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
-    return out
 
 
 def save_model(model, path, *, mtp_copies: bool = False, shard_of=None, config: dict | None = None) -> None:

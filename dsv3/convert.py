@@ -209,7 +209,7 @@ def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
     0 for the FP8 weight, 1 for its scale)."""
     import torch
 
-    from dsv3.checkpoint import is_quantized_in_release
+    from dsv3.names import is_quantized_in_release
     from dsv3.safetensors_io import by_file
 
     block = plan.ckpt_args.block_size
@@ -264,8 +264,7 @@ class _Producer:
         self.quant_cache: dict[str, tuple] = {}
 
     def read(self, info, fn):
-        from dsv3.checkpoint import check_finite
-        from dsv3.safetensors_io import ShardReader
+        from dsv3.safetensors_io import ShardReader, check_finite
 
         def checked(view):
             if self.check_weights:

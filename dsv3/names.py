@@ -219,3 +219,42 @@ def is_quantized_in_release(hf_name: str) -> bool:
     if not m or not hf_name.endswith(".weight"):
         return False
     return any(is_linear and pat.match(m.group(2)) for pat, _, _, is_linear in _LAYER_RE)
+
+
+def stored_state(expected: dict[str, torch.Tensor], ckpt_args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The state an FP8 checkpoint stores for a model built dequantised (`expected`): the release's quantized
+    weights as float8_e4m3fn, each with its float32 block scale (what a meta model of `ckpt_args` holds)."""
+    if ckpt_args.dtype != "fp8":
+        return meta_state(ckpt_args)
+    bs, out = ckpt_args.block_size, {}
+    for name, t in expected.items():
+        if name.endswith(".weight") and t.dim() == 2 and is_quantized_in_release(dsv3_name_to_hf(name, ckpt_args)):
+            out[name] = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device="meta")
+            out[name[: -len(".weight")] + ".scale"] = torch.empty([-(-d // bs) for d in t.shape], device="meta")
+        else:
+            out[name] = t
+    return out
+
+
+def mtp_layers_present(ckpt_args: ModelArgs, tensors, overrides: dict) -> dict:
+    """`overrides` with n_mtp_layers lowered to the MTP modules the checkpoint holds, when it holds fewer.
+
+    transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+    tensors: use the MTP modules the checkpoint actually holds (a partial one is still an error)."""
+    layers_present = {hf_layer_index(n) for n in tensors} - {None}
+    present = 0
+    while present < ckpt_args.n_mtp_layers and ckpt_args.n_layers + present in layers_present:
+        present += 1
+    if present < ckpt_args.n_mtp_layers:
+        overrides = {**overrides, "n_mtp_layers": present}
+    return overrides
+
+
+def hf_state(model, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
+    """The model's tensors under their Hugging Face names (+ the MTP layers' copies of embedding and head)."""
+    args, sd = model.args, model.state_dict()
+    out = {dsv3_name_to_hf(name, args): t.detach().contiguous() for name, t in sd.items()}
+    for k in range(args.n_mtp_layers if mtp_copies else 0):
+        for hf_suffix, ours in MTP_SHARED_COPIES.items():
+            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
+    return out

@@ -206,7 +206,7 @@ def save_checkpoint(model, out_dir: Path, trainer_state: dict | None = None) -> 
     With a trainer state, every file is written to `*.tmp` first and the renames come last, trainer_state.json
     last of all: it is what marks the directory resumable, and its step is recorded in the two tensor files
     so that a resume can tell a save that was cut between two renames (see `read_trainer_state`)."""
-    from dsv3.checkpoint import hf_state
+    from dsv3.names import hf_state
     from dsv3.safetensors_io import write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)

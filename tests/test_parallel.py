@@ -20,9 +20,9 @@ from parallel_worker import PROMPTS  # tests/ is on sys.path under pytest (rootd
 from safetensors import safe_open
 
 from dsv3 import load_model
-from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3
 from dsv3.errors import ConfigError
 from dsv3.generation import generate
+from dsv3.names import dsv3_to_hf, hf_to_dsv3
 from dsv3.parallel import check_world_size, shard_model, valid_world_sizes
 from dsv3.testing import tiny_dist_args as tiny_args
 from dsv3.testing import write_tiny_checkpoint

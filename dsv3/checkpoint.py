@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dsv3.config import ModelArgs
 from dsv3.distributed import agree
@@ -421,8 +422,6 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 def progress_bar(total: int, enabled: bool | None):
     """A tqdm bar of bytes (`enabled` None: only on a terminal)."""
-    from tqdm import tqdm
-
     if enabled is None:
         enabled = sys.stderr.isatty()
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not enabled,

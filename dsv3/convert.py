@@ -30,6 +30,8 @@ import struct
 import time
 from pathlib import Path
 
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
 from dsv3.errors import Interrupted, UsageError
 
 DTYPES = ("bf16", "fp32", "fp8")

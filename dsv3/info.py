@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelArgs
+from dsv3.model import Transformer
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -16,8 +17,6 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:
-    from dsv3.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args.replace(n_mtp_layers=max(args.n_mtp_layers, 1)))
     total = _numel(model) - _numel(model.mtp) - _numel(model.rotary)

@@ -21,13 +21,19 @@ It is arithmetic, not a measurement: `dsv3 bench` measures.
 
 from __future__ import annotations
 
+import json
+
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
+from dsv3.config import ModelArgs
+from dsv3.errors import UsageError
+from dsv3.options import positive, real
+
 RESERVE_FRACTION = 0.05  # of each GPU, kept free for fragmentation
 RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator slack per rank
 
 
 def add_args(p) -> None:
-    from dsv3.options import positive, real
-
     p.add_argument("config", help="preset (tiny, 16B, 236B, 671B), official config JSON, or HF directory")
     p.add_argument("--gpus", type=positive, required=True, help="number of GPUs (= ranks), across all nodes")
     p.add_argument("--gpu-mem-gb", type=real(0, lo_open=True), required=True,
@@ -155,10 +161,6 @@ def plan(args, gpus: int, gpu_mem_gb: float, *, batch: int = 1, max_seq_len: int
 
 
 def run(ns) -> int:
-    import json
-
-    from dsv3.config import ModelArgs
-    from dsv3.errors import UsageError
 
     args = ModelArgs.load(ns.config)
     if ns.dtype:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dsv3.errors import CheckpointError
 
@@ -141,8 +142,6 @@ def by_file(infos) -> list[tuple[Path, list[TensorInfo]]]:
 
 def write_shard(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """One .safetensors file (contiguous copies where needed; metadata format "pt" plus `metadata`)."""
-    from safetensors.torch import save_file  # the writer: only the commands that write need it
-
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt", **(metadata or {})})
 
 

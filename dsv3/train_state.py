@@ -16,12 +16,17 @@ renamed, trainer_state.json last; a save cut between two renames is refused on r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import typing
 from pathlib import Path
 
-from dsv3.errors import UsageError
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
+from dsv3.config import ModelArgs
+from dsv3.errors import CheckpointError, UsageError
 
 MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte tokens + DeepSeek's special tokens (dsv3.data.SPECIAL_TOKENS)
 MAX_VOCAB = 1 << 20
@@ -38,7 +43,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # torch.s
 # ---------------------------------------------------------------------- argument checks
 def _parse_field(name: str, raw: str, hint):
     """`--set FIELD=VALUE`: VALUE as the ModelArgs field's annotated type, or UsageError naming both."""
-    import typing
 
     args = typing.get_args(hint)
     if type(None) in args:  # `X | None`
@@ -72,10 +76,6 @@ def _parse_field(name: str, raw: str, hint):
 
 def _set_changes(ns) -> dict:
     """The --set FIELD=VALUE overrides as typed ModelArgs changes."""
-    import dataclasses
-    import typing
-
-    from dsv3.config import ModelArgs
 
     hints = typing.get_type_hints(ModelArgs)
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -92,8 +92,6 @@ def _set_changes(ns) -> dict:
 
 def model_args(ns, vocab_size: int):
     """The ModelArgs of a fresh run: --config (default: ModelArgs.tiny("tiny-lm")) with --set and the tokenizer's vocabulary."""
-    from dsv3.config import ModelArgs
-
     args = ModelArgs.load(ns.config) if ns.config else ModelArgs.tiny("tiny-lm", vocab_size=vocab_size)
     args = args.replace(**{**_set_changes(ns), "vocab_size": vocab_size})
     if ns.seq_len > args.max_seq_len:
@@ -183,8 +181,6 @@ def check_args(ns) -> dict | None:
         raise UsageError(f"{out} was trained with --steps {doc['steps']} --seed {doc['seed']}; "
                          "resume with the same values or choose another --out")
     check_trainer_state(out)
-    from dsv3.config import ModelArgs
-
     args = ModelArgs.from_hf_config(out)
     if ns.seq_len > args.max_seq_len:
         raise UsageError(f"--seq-len {ns.seq_len} exceeds max_seq_len {args.max_seq_len} of {out / 'config.json'}")
@@ -267,8 +263,6 @@ def _stage_trainer_state(state: dict, out_dir: Path) -> list[Path]:
 
 def read_trainer_state_json(out_dir: Path) -> dict:
     """The JSON half of a trainer state (step, steps, seed, log, args, optimizer structure), checked."""
-    from dsv3.errors import CheckpointError
-
     f = out_dir / STATE_JSON
     try:
         doc = json.loads(f.read_text())
@@ -288,8 +282,6 @@ def check_trainer_state(out_dir: Path) -> dict:
     leaves them apart, and resuming from such a mix would not be the run it claims to be."""
     from safetensors import safe_open
 
-    from dsv3.errors import CheckpointError
-
     doc = read_trainer_state_json(out_dir)
     for f in (out_dir / STATE_TENSORS, out_dir / "model.safetensors"):
         try:
@@ -308,8 +300,6 @@ def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
     """(json doc, optimizer state_dict for `opt` with the generator state under "generator"), from the
     safetensors + JSON pair checked by `check_trainer_state`."""
     from safetensors.torch import load_file
-
-    from dsv3.errors import CheckpointError
 
     doc = check_trainer_state(out_dir)
     tfile = out_dir / STATE_TENSORS

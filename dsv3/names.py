@@ -13,6 +13,8 @@ replicated or, for routed experts, owned whole by one rank).
 
 The MTP modules live at `model.layers.{n_layers + k}` in HF; in dsv3 at `mtp.{k}`, with the decoder-block
 tensors under `mtp.{k}.block`. Loading, saving, per-rank slicing (dsv3.parallel), convert and plan all use it.
+`hf_state` names a model's tensors as a checkpoint holds them (with the MTP copies), `stored_state` what
+an FP8 checkpoint stores for a model built dequantised, `mtp_layers_present` how many MTP layers a checkpoint has.
 """
 
 from __future__ import annotations
@@ -85,12 +87,6 @@ class Name:
     shard_dim: int | None = None
     layer: int | None = None
 
-    @property
-    def expert(self) -> int | None:
-        """The routed expert this tensor belongs to (None: not a routed expert's)."""
-        m = _EXPERT.search(self.ours)
-        return int(m.group(1)) if m else None
-
 
 def _compile(table: list[tuple[str, str, int | None]]) -> list[tuple[re.Pattern, str, int | None, bool]]:
     out = []
@@ -106,7 +102,6 @@ _LAYER_RE = _compile(LAYER_TABLE)
 _MTP_RE = _compile(MTP_TABLE)
 _TOP = {hf: (ours, dim) for hf, ours, dim in TOP_TABLE}
 _LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 
 
 def hf_layer_index(hf_name: str) -> int | None:

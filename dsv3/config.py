@@ -154,6 +154,13 @@ class ModelArgs:
         return presets[name].replace(**overrides) if overrides else presets[name]
 
     @classmethod
+    def tiny(cls, name: str = "tiny", **overrides: Any) -> ModelArgs:
+        """A member of the tiny family (`tiny_family`: tiny, tiny-hf, tiny-dist, tiny-lm) with `overrides`."""
+        if name not in (family := tiny_family()):
+            raise ConfigError(f"unknown tiny config {name!r}; choose one of {sorted(family)}")
+        return family[name].replace(**overrides) if overrides else family[name]
+
+    @classmethod
     def presets(cls) -> list[str]:
         return sorted(_presets())
 
@@ -286,28 +293,15 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # HF name -> official name, for fields that are plain renames.
-_HF_RENAMES = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "dim",
-    "intermediate_size": "inter_dim",
-    "moe_intermediate_size": "moe_inter_dim",
-    "num_hidden_layers": "n_layers",
-    "first_k_dense_replace": "n_dense_layers",
-    "num_attention_heads": "n_heads",
-    "n_routed_experts": "n_routed_experts",
-    "n_shared_experts": "n_shared_experts",
-    "num_experts_per_tok": "n_activated_experts",
-    "n_group": "n_expert_groups",
-    "topk_group": "n_limited_groups",
-    "scoring_func": "score_func",
-    "routed_scaling_factor": "route_scale",
-    "kv_lora_rank": "kv_lora_rank",
-    "qk_nope_head_dim": "qk_nope_head_dim",
-    "qk_rope_head_dim": "qk_rope_head_dim",
-    "v_head_dim": "v_head_dim",
-    "rope_theta": "rope_theta",
-    "num_nextn_predict_layers": "n_mtp_layers",
-    "rms_norm_eps": "norm_eps",
+_HF_RENAMES = {  # HF config.json field -> ModelArgs field
+    "vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_size": "inter_dim",
+    "moe_intermediate_size": "moe_inter_dim", "num_hidden_layers": "n_layers",
+    "first_k_dense_replace": "n_dense_layers", "num_attention_heads": "n_heads",
+    "n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts", "n_group": "n_expert_groups", "topk_group": "n_limited_groups",
+    "scoring_func": "score_func", "routed_scaling_factor": "route_scale", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+    "rope_theta": "rope_theta", "num_nextn_predict_layers": "n_mtp_layers", "rms_norm_eps": "norm_eps",
     "max_position_embeddings": "max_seq_len",
 }
 
@@ -377,6 +371,15 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if bool(norm) != (score == "sigmoid"):
         raise ConfigError(f"{source}: norm_topk_prob={norm} with scoring_func={score!r} is not a DeepSeek "
                           "combination (sigmoid renormalises the top-k weights, softmax does not)")
+    _hf_rope(cfg, out, source)
+    _hf_quantization(cfg.get("quantization_config"), out, source)
+    if "n_routed_experts" not in out:  # a dense-only config
+        out["n_dense_layers"] = out["n_layers"]
+    return out
+
+
+def _hf_rope(cfg: dict[str, Any], out: dict[str, Any], source: str) -> None:
+    """rope_scaling (or rope_parameters) -> the YaRN fields of `out`."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     rtype = (rs or {}).get("type", (rs or {}).get("rope_type", "default")) if rs else "default"
     if rs and "rope_theta" in rs and "rope_theta" not in cfg:
@@ -407,43 +410,41 @@ def _hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         out["mscale"] = 0.0
     else:
         raise ConfigError(f"{source}: rope_scaling type {rtype!r} unsupported (expected 'yarn' or none)")
-    q = cfg.get("quantization_config")
-    if q:
-        if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-            raise ConfigError(f"{source}: quantization_config {q} unsupported (expected fp8 e4m3 blocks)")
-        bs = q.get("weight_block_size", [128, 128])
-        if len(bs) != 2 or bs[0] != bs[1]:
-            raise ConfigError(f"{source}: weight_block_size {bs} unsupported (expected square blocks)")
-        out["dtype"] = "fp8"
-        out["block_size"] = bs[0]
-        if q.get("scale_fmt"):
-            out["scale_fmt"] = q["scale_fmt"]
-    if "n_routed_experts" not in out:  # a dense-only config
-        out["n_dense_layers"] = out["n_layers"]
-    return out
+
+
+def _hf_quantization(q: dict | None, out: dict[str, Any], source: str) -> None:
+    """quantization_config -> dtype "fp8", block_size, scale_fmt in `out`."""
+    if not q:
+        return
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{source}: quantization_config {q} unsupported (expected fp8 e4m3 blocks)")
+    bs = q.get("weight_block_size", [128, 128])
+    if len(bs) != 2 or bs[0] != bs[1]:
+        raise ConfigError(f"{source}: weight_block_size {bs} unsupported (expected square blocks)")
+    out["dtype"], out["block_size"] = "fp8", bs[0]
+    if q.get("scale_fmt"):
+        out["scale_fmt"] = q["scale_fmt"]
+
+
+def _config_file(name: str) -> ModelArgs:
+    return ModelArgs.from_dict(json.loads((_CONFIG_DIR / f"config_{name}.json").read_text()))
+
+
+def tiny_family() -> dict[str, ModelArgs]:
+    """The small configs (dsv3/configs/config_tiny*.json), one family, each shaped for its use (different on purpose):
+
+    tiny       every feature on, sized for a CPU forward in milliseconds; dims deliberately not powers of two
+    tiny-hf    FP8 with partial 128-blocks (dims 200, 136, 160, ...): dsv3.testing's HF-layout checkpoints
+    tiny-dist  what 1, 2 and 4 ranks split: 4 heads, 8 experts, vocabulary 256 (FP8 with block_size=8)
+    tiny-lm    the bundled model (dsv3/assets/dsv3-tiny), trained by `dsv3 train`; vocab_size from the tokenizer
+    """
+    return {name: _config_file(name) for name in ("tiny", "tiny-hf", "tiny-dist", "tiny-lm")}
 
 
 def _presets() -> dict[str, ModelArgs]:
-    tiny = ModelArgs(
-        # every feature on, sized for a CPU forward in milliseconds; dims deliberately not powers of two
-        max_seq_len=256, vocab_size=512, dim=96, inter_dim=192, moe_inter_dim=48, n_layers=3,
-        n_dense_layers=1, n_heads=3, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
-        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=40,
-        kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=64,
-        rope_factor=4.0, n_mtp_layers=1,
-    )
-    bench = ModelArgs(
-        # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times against transformers
-        max_seq_len=4096, vocab_size=32000, dim=512, inter_dim=2048, moe_inter_dim=256, n_layers=8,
-        n_dense_layers=1, n_heads=8, n_routed_experts=32, n_shared_experts=1, n_activated_experts=4,
-        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=256,
-        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=4096,
-    )
     return {
-        "tiny": tiny,
-        "bench": bench,
-        "16B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_16B.json").read_text())),
-        "236B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_236B.json").read_text())),
-        "671B": ModelArgs.from_dict(json.loads((_CONFIG_DIR / "config_671B.json").read_text()))
-        .replace(n_mtp_layers=1),
+        "tiny": tiny_family()["tiny"],
+        "bench": _config_file("bench"),  # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times
+        "16B": _config_file("16B"), "236B": _config_file("236B"),
+        "671B": _config_file("671B").replace(n_mtp_layers=1),
     }

@@ -30,6 +30,8 @@ import struct
 import time
 from pathlib import Path
 
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
 from dsv3.errors import Interrupted, UsageError
 
 DTYPES = ("bf16", "fp32", "fp8")
@@ -195,7 +197,7 @@ def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
     0 for the FP8 weight, 1 for its scale)."""
     import torch
 
-    from dsv3.checkpoint import is_quantized_in_release
+    from dsv3.names import is_quantized_in_release
     from dsv3.safetensors_io import by_file
 
     block = plan.ckpt_args.block_size
@@ -250,8 +252,7 @@ class _Producer:
         self.quant_cache: dict[str, tuple] = {}
 
     def read(self, info, fn):
-        from dsv3.checkpoint import check_finite
-        from dsv3.safetensors_io import ShardReader
+        from dsv3.safetensors_io import ShardReader, check_finite
 
         def checked(view):
             if self.check_weights:

@@ -16,12 +16,16 @@ What is sharded, and how, is `dsv3.parallel`'s business; this module knows only 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
+import signal
+import threading
 import time
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from dsv3.errors import ConfigError, DistributedError, Dsv3Error
 
@@ -49,8 +53,6 @@ def checked_on_every_rank(fn, group):
 
 def agree(err: str | None, group) -> None:
     """Collective: raise DistributedError on every rank if any rank passed an error message."""
-    import torch.distributed as dist
-
     msgs: list[str | None] = [None] * dist.get_world_size(group)
     try:
         dist.all_gather_object(msgs, err, group=group)
@@ -76,8 +78,6 @@ def maybe_init_distributed(timeout_s: float | None = None):
     (the tests do). The timeout (env DSV3_DIST_TIMEOUT, seconds, default
     300) bounds every collective, so a rank that dies or stalls cannot hang the others forever.
     """
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if not dist.is_initialized():
@@ -122,9 +122,6 @@ def run_distributed(fn, *args, **kwargs) -> int:
     rank 0 asks the others over a separate control group which of them are still there, and raises
     one `DistributedError` naming the ranks that did not report back and the timeout.
     """
-    import contextlib
-    import io
-
     try:
         group = maybe_init_distributed()
     except Dsv3Error:
@@ -166,9 +163,6 @@ def _stop_on_sigterm(reporting: list):
     """On rank 0: turn torchrun's SIGTERM (sent when another rank exited, e.g. was killed) into a failed
     collective, so that rank 0 still says which rank is gone instead of dying silently; while it is
     already reporting, the SIGTERM waits for the report. Returns the function that restores the handler."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -192,8 +186,6 @@ def _lost_ranks_error(e: RuntimeError, group, control, grace_s: float = 5.0) -> 
     The ranks still alive are all blocked in the same step's collectives, so their own timeouts fire
     within about one step of rank 0's: a few seconds of grace reach all of them.
     """
-    import torch.distributed as dist
-
     rank, world, timeout = dist.get_rank(group), dist.get_world_size(group), dist_timeout_s()
     cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # gloo's "[.../pair.cc:553] Connection closed by peer [addr]:port. This is typically caused by ...":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelArgs
+from dsv3.model import Transformer
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -16,8 +17,6 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:
-    from dsv3.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args.replace(n_mtp_layers=max(args.n_mtp_layers, 1)))
     total = _numel(model) - _numel(model.mtp) - _numel(model.rotary)
@@ -42,13 +41,13 @@ def _moe_inactive(ffn: torch.nn.Module, args: ModelArgs) -> int:
     return per_expert * (args.n_routed_experts - args.n_activated_experts)
 
 
-def kv_cache_bytes_per_token(args: ModelArgs, naive: bool = False, bytes_per_value: int = 2) -> int:
-    """Cache bytes per token over all main-model layers (bf16 by default)."""
+def kv_cache_bytes_per_token(args: ModelArgs, naive: bool = False, bytes_per_value: int = 2, mtp: bool = False) -> int:
+    """Cache bytes per token over all main-model layers (+ the MTP modules' with `mtp`; bf16 by default)."""
     if naive:
         per_layer = args.n_heads * (args.qk_head_dim + args.v_head_dim)
     else:
         per_layer = args.kv_lora_rank + args.qk_rope_head_dim
-    return per_layer * bytes_per_value * args.n_layers
+    return per_layer * bytes_per_value * (args.n_layers + (args.n_mtp_layers if mtp else 0))
 
 
 def info(args: ModelArgs) -> dict[str, int]:

@@ -17,7 +17,8 @@ from dsv3 import fp8
 from dsv3.config import ModelArgs
 from dsv3.layers import MLP, Linear, RMSNorm
 from dsv3.mla import MLA, MLACache
-from dsv3.moe import MoE
+from dsv3.moe import Gate, MoE
+from dsv3.mtp import MTPModule
 from dsv3.rope import Rotary
 
 
@@ -57,14 +58,13 @@ class Cache:
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
-        from dsv3.mtp import MTPModule  # mtp builds on Block
-
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.head = Linear(args.dim, args.vocab_size, dtype=dtype)  # never quantised in the release
-        self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args, dtype) for k in range(args.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPModule(Block(args.n_layers + k, args, dtype), args, dtype)
+                                 for k in range(args.n_mtp_layers))
         self.rotary = Rotary(args)
         if not self.embed.weight.is_meta:
             self.init_weights()
@@ -86,7 +86,7 @@ class Transformer(nn.Module):
                     mod.scale.copy_(s)
                 else:
                     mod.weight.normal_(0, std, generator=generator)
-            elif hasattr(mod, "route_scale"):  # Gate
+            elif isinstance(mod, Gate):
                 mod.weight.normal_(0, std / math.sqrt(2), generator=generator)
                 if mod.bias is not None:
                     mod.bias.zero_()

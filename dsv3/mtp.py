@@ -23,14 +23,13 @@ from dsv3.mla import MLACache
 
 
 class MTPModule(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None = None):
+    def __init__(self, block: nn.Module, args: ModelArgs, dtype: torch.dtype | None = None):
+        """`block`: the decoder block this module wraps (a `dsv3.model.Block` at layer n_layers + k)."""
         super().__init__()
-        from dsv3.model import Block
-
         self.enorm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.hnorm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.eh_proj = Linear(2 * args.dim, args.dim, dtype=dtype)  # never quantised in the release
-        self.block = Block(layer_id, args, dtype)
+        self.block = block
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)  # shared_head.norm
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, start_pos: int, cos: torch.Tensor,

@@ -22,28 +22,25 @@ narrows parameters (real or on the meta device), `add_collectives(model, group)`
 the communication as forward hooks (and the vocabulary-parallel embedding module),
 with the process group passed in -- no module-level world size.
 
-`load_model_parallel` opens the same Hugging Face directory on every rank and reads
-only that rank's slices (`safe_open(...).get_slice`), FP8 block scales sliced in
-blocks with their weights. World sizes that do not divide the heads, experts,
-vocabulary or FP8 blocks are rejected before any tensor is read; a failure on any
-rank is exchanged (`dsv3.distributed.agree`) so that every rank raises the failing rank's message.
-The torchrun runtime itself (init/teardown, broadcast, run_distributed) is `dsv3.distributed`.
+Loading one rank's share is `dsv3.checkpoint.load_model(path, group=...)`: it builds the meta model,
+cuts it here (`shard_model`), reads only the rank's slices and adds the collectives (`add_collectives`).
+World sizes that do not divide the heads, experts, vocabulary or FP8 blocks are rejected
+(`check_world_size`) before any tensor is read. The torchrun runtime itself (init/teardown, broadcast,
+agree, run_distributed) is `dsv3.distributed`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelArgs
-from dsv3.distributed import agree
-from dsv3.errors import CheckpointError, ConfigError, Dsv3Error
+from dsv3.errors import ConfigError
+from dsv3.moe import MoE
+from dsv3.names import block_shard_dims
 
 # ---------------------------------------------------------------------- validation
 
@@ -101,12 +98,12 @@ def check_world_size(args: ModelArgs, world: int, fp8_blocks: bool | None = None
     if fp8_blocks and world in dequantised:
         # the FP8 blocks are the only obstacle: dequantised at load, each rank cuts any row/column
         msg += (f"Valid world sizes with FP8 weights: {', '.join(map(str, valid))}; dequantised at load "
-                f"(--dtype bf16 or fp32; load_model_parallel(..., dtype=...)): {', '.join(map(str, dequantised))}")
+                f"(--dtype bf16 or fp32; load_model(..., group=..., dtype=...)): {', '.join(map(str, dequantised))}")
     elif len(valid) > 1:
         msg += f"Valid world sizes: {', '.join(map(str, valid))}"
     elif len(dequantised) > 1:
         msg += (f"No world size > 1 keeps its FP8 blocks whole; dequantised at load (--dtype bf16 or fp32; "
-                f"load_model_parallel(..., dtype=...)) valid world sizes are {', '.join(map(str, dequantised))}")
+                f"load_model(..., group=..., dtype=...)) valid world sizes are {', '.join(map(str, dequantised))}")
     else:
         msg += "No world size > 1 splits this model: run it as a single process (without torchrun)"
     raise ConfigError(msg)
@@ -142,9 +139,6 @@ def _shard_linear(lin: nn.Module, dim: int, rank: int, world: int) -> None:
 
 
 def shard_block(block: nn.Module, rank: int, world: int) -> None:
-    from dsv3.checkpoint import block_shard_dims
-    from dsv3.moe import MoE
-
     for path, dim in block_shard_dims().items():  # the checkpoint's name table says which Linears split how
         lin = _submodule(block, path)
         if lin is not None:  # e.g. no wq with q-LoRA, no ffn.w1 in an MoE block
@@ -231,184 +225,3 @@ def parallelize(model: nn.Module, group) -> nn.Module:
     """shard_model + add_collectives for this process's rank in `group`."""
     rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
     return add_collectives(shard_model(model, rank, world), group)
-
-
-# ---------------------------------------------------------------------- per-rank loading
-_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
-
-
-def _read_rank(path: Path, args: ModelArgs, rank: int, world: int,
-               dtype: torch.dtype | None, device, check_weights: bool = False) -> nn.Module:
-    from dsv3.checkpoint import compute_dtype, scan, weight_map
-    from dsv3.model import Transformer
-
-    wm = weight_map(path)
-    cast_to = dtype or compute_dtype(scan(path).values())  # one compute dtype, as load_model (headers only)
-    with torch.device("meta"):
-        model = Transformer(args)
-    shard_model(model, rank, world)
-    expected = model.state_dict()
-    todo, scales = _rank_plan(path, args, wm, expected, rank, world)
-    state: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        slices = _RankSlices(path, wm, args, rank, world, dtype, check_weights, stack)
-        # file by file, so each shard's pages are touched once
-        for ours in sorted(todo, key=lambda o: wm[todo[o][0]]):
-            hf_name, dim = todo[ours]
-            fname = wm[hf_name]
-            try:
-                t = slices.read(slices.handle(fname), hf_name, dim, tuple(expected[ours].shape))
-                if t.dtype == torch.float8_e4m3fn and expected[ours].dtype != torch.float8_e4m3fn:
-                    s_hf = scales.get(ours[: -len(".weight")] + ".scale")
-                    if s_hf is None:
-                        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                    t = slices.dequant(t, s_hf, dim, tuple(expected[ours].shape))
-                elif t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                        and not ours.endswith((".scale", "gate.bias")):
-                    t = t.to(cast_to)
-            except Dsv3Error:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path / fname}: cannot read {hf_name} ({e})") from None
-            state[ours] = t.to(device)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.rotary._table = None
-    return model.eval()
-
-
-def _rank_plan(path: Path, args: ModelArgs, wm: dict[str, str], expected: dict[str, torch.Tensor],
-               rank: int, world: int) -> tuple[dict[str, tuple[str, int | None]], dict[str, str]]:
-    """(dsv3 name -> (HF name, shard dim) for every tensor this rank reads, dsv3 scale name -> HF name for the
-    FP8 scales dequantised at load); CheckpointError naming the missing and unexpected tensors."""
-    from dsv3.checkpoint import hf_layer_index, hf_to_dsv3
-
-    mine = local_experts(args.n_routed_experts, rank, world)
-    todo: dict[str, tuple[str, int | None]] = {}  # dsv3 name -> (HF name, shard dim)
-    scales: dict[str, str] = {}  # scale of an FP8 weight dequantised at load
-    unexpected = []
-    for hf_name in wm:
-        r = hf_to_dsv3(hf_name, args)
-        if r is None:
-            layer = hf_layer_index(hf_name)
-            if not (layer is not None and layer >= args.n_layers + args.n_mtp_layers):
-                unexpected.append(hf_name)
-            continue
-        ours, dim = r
-        if ours.startswith("mtp-copy:"):
-            continue  # the MTP layer's copies of embedding/head: the main ones are used
-        e = _EXPERT.search(ours)
-        if e and int(e.group(1)) not in mine:
-            continue  # another rank's expert
-        if ours in expected:
-            todo[ours] = (hf_name, dim)
-        elif ours.endswith(".scale") and ours[: -len(".scale")] + ".weight" in expected:
-            scales[ours] = hf_name
-        else:
-            unexpected.append(hf_name)
-    missing = sorted(set(expected) - set(todo))
-    if missing or unexpected:
-        parts = [f"{path}: checkpoint does not match config.json (rank {rank} of {world})"]
-        for what, names in (("missing", missing), ("unexpected", unexpected)):
-            if names:
-                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-                parts.append(f"{len(names)} {what} tensor(s): {', '.join(names[:8])}{more}")
-        raise CheckpointError("; ".join(parts))
-    return todo, scales
-
-
-class _RankSlices:
-    """This rank's slices of the checkpoint's tensors, read with `safe_open(...).get_slice` from shards
-    opened once each (memory-mapped, closed with `stack`)."""
-
-    def __init__(self, path: Path, wm: dict[str, str], args: ModelArgs, rank: int, world: int,
-                 dtype: torch.dtype | None, check_weights: bool, stack: contextlib.ExitStack):
-        self.path, self.wm, self.args, self.rank, self.world = path, wm, args, rank, world
-        self.dtype, self.check_weights, self.stack = dtype, check_weights, stack
-        self.handles: dict[str, object] = {}  # shard file -> open safetensors handle (memory-mapped)
-
-    def handle(self, fname: str):
-        from safetensors import safe_open
-
-        if fname not in self.handles:
-            try:
-                self.handles[fname] = self.stack.enter_context(safe_open(self.path / fname, "pt"))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.path / fname}: cannot read ({e})") from None
-        return self.handles[fname]
-
-    def read(self, f, hf_name: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
-        from dsv3.checkpoint import check_finite
-
-        path, rank, world = self.path, self.rank, self.world
-        sl = f.get_slice(hf_name)
-        full = tuple(sl.get_shape())
-        want = list(local_shape)
-        if dim is not None:
-            want[dim] *= world
-        if full != tuple(want):
-            raise CheckpointError(f"{path}: tensor {hf_name} has shape {full}, expected {tuple(want)} from config.json")
-        if dim is None:
-            t = sl[:]
-        else:
-            n = local_shape[dim]
-            t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
-        if self.check_weights:  # this rank's slice only: together the ranks cover every value once
-            check_finite(t, path / self.wm[hf_name], hf_name,
-                         "" if dim is None else f" of rank {rank}'s slice (dim {dim}, {rank * n}..{(rank + 1) * n - 1})")
-        return t
-
-    def dequant(self, t: torch.Tensor, s_hf: str, dim: int | None, local_shape: tuple[int, ...]) -> torch.Tensor:
-        """This rank's slice `t` of an FP8 weight, dequantised. A slice that starts or ends inside a
-        scale block (e.g. 64 of 128 rows) is fine here: the whole scale tensor is tiny, read it all."""
-        from dsv3.fp8 import weight_dequant
-
-        bs, out = self.args.block_size, self.dtype or torch.bfloat16
-        if dim is None or local_shape[dim] % bs == 0:
-            s = self.read(self.handle(self.wm[s_hf]), s_hf, dim, tuple(-(-x // bs) for x in t.shape))
-            return weight_dequant(t, s, bs, out)
-        full = list(local_shape)
-        full[dim] *= self.world
-        s = self.read(self.handle(self.wm[s_hf]), s_hf, None, tuple(-(-x // bs) for x in full))
-        rows, cols = torch.arange(t.shape[0]), torch.arange(t.shape[1])
-        if dim == 0:
-            rows = rows + self.rank * t.shape[0]
-        else:
-            cols = cols + self.rank * t.shape[1]
-        scale = s[rows // bs][:, cols // bs]  # (rows, cols): each value's block scale
-        return (t.float() * scale).to(out)  # as weight_dequant computes it: the same values as one process
-
-
-def load_model_parallel(path, group, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        check_weights: bool = False, **overrides) -> nn.Module:
-    """This rank's share of a Hugging Face DeepSeek-V3 directory, with the collectives in place.
-
-    Every rank calls it with the same arguments. Only this rank's slices are read; with `dtype`
-    FP8 weights are dequantised at load, so their slices need not be whole 128-blocks.
-    `check_weights`: each rank scans the slices it reads for NaN/Inf (together: every value once).
-    If any rank fails (bad config, world size that does not divide, missing or
-    unreadable shard, out of memory), every rank raises `DistributedError` carrying
-    the first failing rank's message; the exchange is bounded by the group's timeout.
-    """
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    err: str | None = None
-    model = None
-    try:
-        from dsv3.checkpoint import check_directory
-
-        path = check_directory(path)  # the single process's words for a missing or unreadable directory
-        args = ModelArgs.from_hf_config(path)
-        ckpt_fp8 = args.dtype == "fp8"
-        # before any tensor is read: the sizes must split (FP8 kept as FP8: in whole scale blocks;
-        # dequantised at load, any row/column boundary works)
-        check_world_size(args, world, fp8_blocks=ckpt_fp8 and dtype is None, source=str(path))
-        if dtype is not None and ckpt_fp8:
-            overrides.setdefault("dtype", "bf16")  # dequantise at load, as load_model does
-        if overrides:
-            args = args.replace(**overrides)
-        model = _read_rank(path, args, rank, world, dtype, device, check_weights)
-    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
-        err = str(e) if isinstance(e, Dsv3Error) else f"{type(e).__name__}: {e}"
-    agree(err, group)
-    return add_collectives(model, group)

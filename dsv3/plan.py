@@ -21,6 +21,13 @@ It is arithmetic, not a measurement: `dsv3 bench` measures.
 
 from __future__ import annotations
 
+import json
+
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
+from dsv3.config import ModelArgs
+from dsv3.errors import UsageError
+
 RESERVE_FRACTION = 0.05  # of each GPU, kept free for fragmentation
 RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator slack per rank
 
@@ -65,8 +72,10 @@ def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
 
 
 def kv_cache_bytes_per_rank(args, batch: int, max_seq_len: int, mtp: bool = False) -> int:
-    layers = args.n_layers + (args.n_mtp_layers if mtp else 0)
-    return batch * max_seq_len * (args.kv_lora_rank + args.qk_rope_head_dim) * 2 * layers
+    """The latent cache of `batch` sequences of `max_seq_len` tokens (replicated on every rank; bf16)."""
+    from dsv3.info import kv_cache_bytes_per_token  # imports torch: only when planning
+
+    return batch * max_seq_len * kv_cache_bytes_per_token(args, mtp=mtp)
 
 
 def workspace_bytes_per_rank(args, world: int, batch: int, prefill: int) -> int:
@@ -135,10 +144,6 @@ def plan(args, gpus: int, gpu_mem_gb: float, *, batch: int = 1, max_seq_len: int
 
 
 def run(ns) -> int:
-    import json
-
-    from dsv3.config import ModelArgs
-    from dsv3.errors import UsageError
 
     args = ModelArgs.load(ns.config)
     if ns.dtype:

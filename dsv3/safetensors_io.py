@@ -1,10 +1,14 @@
 """safetensors files read by hand: header checks, a memory-mapped shard reader, the one dtype table.
 
+Also a checkpoint directory's tensors (`weight_map`, `scan`: index and headers cross-checked), the NaN/Inf
+scan of a tensor (`check_finite`) and `group_names`, which keeps long lists of tensor names readable.
+
 Parsing the header ourselves lets every check (names, shapes, dtypes, truncation) run
 before a single tensor byte is read, and lets the loader drop each tensor's pages from
 the process as soon as it has been copied (the bound on resident memory). `ST_DTYPES`
 (safetensors dtype name -> torch dtype) and its inverse `ST_NAMES` are the one table that
-both the reader here and `dsv3.convert`'s streaming writer use.
+both the reader here and `dsv3.convert`'s streaming writer use; `write_shard` / `write_index` write
+whole shards (save_model, the test checkpoints).
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dsv3.errors import CheckpointError
 
@@ -131,3 +138,146 @@ def by_file(infos) -> list[tuple[Path, list[TensorInfo]]]:
     for i in infos:
         by.setdefault(i.file, []).append(i)
     return [(f, sorted(v, key=lambda i: i.start)) for f, v in sorted(by.items())]
+
+
+def write_shard(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One .safetensors file (contiguous copies where needed; metadata format "pt" plus `metadata`)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt", **(metadata or {})})
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: tensor name -> shard file, sorted, with the total byte size."""
+    (Path(path) / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+# ---------------------------------------------------------------------- a checkpoint directory's tensors
+def weight_map(path: Path) -> dict[str, str]:
+    """HF tensor name -> shard file name, from the index or the single model.safetensors."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            assert isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected {{\"weight_map\": "
+                                  "{tensor name: shard file}}})") from None
+        missing = sorted({f for f in wm.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) listed in the index are missing: {group_names(missing)}")
+        return wm
+    single = path / "model.safetensors"
+    if single.is_file():
+        return {k: single.name for k in read_header(single)}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def scan(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint with its location, index and shard headers cross-checked."""
+    path = Path(path)
+    wm = weight_map(path)
+    headers = {f: read_header(path / f) for f in sorted(set(wm.values()))}
+    out: dict[str, TensorInfo] = {}
+    absent = []
+    for name, f in wm.items():
+        info = headers[f].get(name)
+        if info is None:
+            absent.append(f"{name} (in {f})")
+        else:
+            out[name] = info
+    if absent:
+        raise CheckpointError(f"{path}: the index lists tensor(s) their shard does not contain: {group_names(absent)}")
+    return out
+
+
+def group_names(names: list[str], limit: int = 12) -> str:
+    """Collapse indices so long lists stay readable: model.layers.{3..60}.mlp.experts.{0..255}.up_proj.weight (×14848)."""
+    groups: dict[str, list[list[int]]] = {}
+    for n in names:
+        key = re.sub(r"(?<=\.)\d+(?=\.)", "#", n)
+        groups.setdefault(key, []).append([int(x) for x in re.findall(r"(?<=\.)\d+(?=\.)", n)])
+    shown = []
+    for key, idx in groups.items():
+        parts = key.split("#")
+        out = parts[0]
+        for j, rest in enumerate(parts[1:]):
+            vals = sorted({i[j] for i in idx})
+            if len(vals) == 1:
+                out += str(vals[0])
+            elif vals == list(range(vals[0], vals[-1] + 1)):
+                out += f"{{{vals[0]}..{vals[-1]}}}"
+            else:
+                out += "{" + ",".join(map(str, vals)) + "}" if len(vals) <= 6 else "*"
+            out += rest
+        shown.append(f"{out} (×{len(idx)})" if len(idx) > 1 else out)
+    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+def check_finite(t: torch.Tensor, file, name: str, where: str = "") -> None:
+    """Raise CheckpointError naming `file` and tensor `name` if `t` holds a NaN/Inf.
+
+    `where` qualifies the flat index when `t` is a slice (a parallel rank's share).
+    """
+    flat = t.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        chunk = flat[i: i + step]
+        if chunk.dtype == torch.float8_e4m3fn:
+            bad = (chunk.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn has NaN only, no Inf
+        elif chunk.is_floating_point():
+            bad = ~torch.isfinite(chunk)
+        else:
+            return
+        if bad.any():
+            j = i + int(bad.nonzero()[0, 0])
+            raise CheckpointError(f"{file}: tensor {name} holds NaN/Inf ({int(bad.sum())}+ value(s), "
+                                  f"first at flat index {j}{where}); expected finite weights")
+
+
+class SliceReader:
+    """`read(hf_name, fn, dim, n)`: fn (default: a copy) on the tensor's mapped bytes -- this rank's `n` rows
+    (dim 0) or columns (dim 1) when `dim` is given -- scanned for NaN/Inf first when `check_weights`;
+    each shard is opened on first use, all closed by `close()`."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], check_weights: bool = False, rank: int = 0):
+        self.tensors, self.check_weights, self.rank = tensors, check_weights, rank
+        self.readers: dict[Path, ShardReader] = {}
+
+    def __call__(self, hf_name: str, fn=None, dim: int | None = None, n: int = 0):
+        info, r = self.tensors[hf_name], self.rank
+
+        def checked(view):
+            where = ""
+            if dim is not None:  # this rank's slice only: together the ranks cover every value once
+                view = view.narrow(dim, r * n, n)
+                where = f" of rank {r}'s slice (dim {dim}, {r * n}..{(r + 1) * n - 1})"
+            if self.check_weights:
+                check_finite(view, info.file, info.name, where)
+            return fn(view) if fn else view.clone()
+
+        if info.file not in self.readers:
+            self.readers[info.file] = ShardReader(info.file)
+        return self.readers[info.file].read(info, checked)
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+def iter_tensors(path: Path, names: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) shard by shard in file order, one tensor at a time (memory-mapped reads).
+
+    `names` (HF name -> shard file) restricts the set; default: the whole checkpoint.
+    """
+    infos = scan(path)
+    if names is not None:
+        infos = {n: infos[n] for n in names}
+    for file, group in by_file(infos.values()):
+        reader = ShardReader(file)
+        try:
+            for info in group:
+                yield info.name, reader.read(info)
+        finally:
+            reader.close()

@@ -7,18 +7,29 @@ layer at `model.layers.{n_layers + k}` with its copies of embedding and head, se
 shards and a `model.safetensors.index.json`. Tensors are generated and written one shard
 at a time, so large test checkpoints do not need a whole model in memory.
 `write_tokenizer` adds a small byte-level BPE trained on the spot plus DeepSeek-V3's
-chat template.
+chat template. `write_tiny_checkpoint` saves a random `tiny_dist_args` model for the parallel tests.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint import dsv3_name_to_hf, is_quantized_in_release, meta_state
+from dsv3.checkpoint import save_model
 from dsv3.config import ModelArgs
+from dsv3.fp8 import weight_quant
+from dsv3.layers import RMSNorm
+from dsv3.model import Transformer
+from dsv3.moe import Gate
+from dsv3.names import dsv3_name_to_hf, is_quantized_in_release, meta_state
+from dsv3.safetensors_io import write_index, write_shard
+from dsv3.tokenizer import DEEPSEEK_V3_CHAT_TEMPLATE
 
 # Special tokens of the DeepSeek-V3 tokenizer that the chat template uses ("▁" is U+2581).
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -33,15 +44,37 @@ was a robot. 1 2 3 4 5 6 7 8 9 10. def add(a, b): return a + b. Ünïcödé tëx
 
 
 def tiny_hf_args(**overrides) -> ModelArgs:
-    """A small DeepSeek-V3-shaped config whose FP8 blocks include partial ones (dims 200, 136, 160, ...)."""
-    a = ModelArgs(
-        max_seq_len=128, vocab_size=320, dim=200, inter_dim=264, moe_inter_dim=72, n_layers=2, n_dense_layers=1,
-        n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
-        n_limited_groups=1, score_func="sigmoid", route_scale=2.5, q_lora_rank=136, kv_lora_rank=144,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, original_seq_len=64, rope_factor=4.0,
-        n_mtp_layers=1, dtype="fp8",
-    )
-    return a.replace(**overrides) if overrides else a
+    """A small DeepSeek-V3-shaped config whose FP8 blocks include partial ones (dims 200, 136, 160, ...):
+    the "tiny-hf" member of the tiny family (`ModelArgs.tiny`)."""
+    return ModelArgs.tiny("tiny-hf", **overrides)
+
+
+def tiny_dist_args(fp8: bool = False) -> ModelArgs:
+    """What 1, 2 and 4 ranks split ("tiny-dist"); with FP8 a block size of 8
+    (quantization_config.weight_block_size) so sharded rows and columns stay whole blocks."""
+    return ModelArgs.tiny("tiny-dist", **(dict(dtype="fp8", block_size=8) if fp8 else {}))
+
+
+def write_tiny_checkpoint(path, fp8: bool = False, seed: int = 0) -> Path:
+    """A random `tiny_dist_args(fp8)` model saved in three shards: everything but the routed experts,
+    experts 0-3 (rank 0's at world size 2) and experts 4-7 (rank 1's), so a test can break a shard that only
+    one rank reads. Float32, or FP8 with 8×8 blocks."""
+    args = tiny_dist_args(fp8)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, Gate) and mod.bias is not None:
+                mod.bias.normal_(0, 0.05)  # non-zero correction bias: selection differs from weighting
+            if isinstance(mod, RMSNorm):
+                mod.weight.normal_(1.0, 0.1)
+
+    def shard_of(name: str) -> str:
+        m = re.search(r"\.experts\.(\d+)\.", name)
+        return f"model-0000{1 if m is None else (2 if int(m.group(1)) < 4 else 3)}-of-00003.safetensors"
+
+    save_model(model, path, mtp_copies=True, shard_of=shard_of)
+    return Path(path)
 
 
 def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = None, n_shards: int = 3,
@@ -71,8 +104,6 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
             if ours in ("embed.weight", "head.weight"):
                 shared[ours] = t
             if fp8 and is_quantized_in_release(hf):
-                from dsv3.fp8 import weight_quant
-
                 q, s = weight_quant(t, args.block_size)
                 tensors[hf], tensors[hf + "_scale_inv"] = q, s
             else:
@@ -82,12 +113,11 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
                 layer = args.n_layers + k
                 tensors[f"model.layers.{layer}.embed_tokens.weight"] = shared["embed.weight"].to(float_dtype).clone()
                 tensors[f"model.layers.{layer}.shared_head.head.weight"] = shared["head.weight"].to(float_dtype).clone()
-        _save(tensors, path / fname)
+        write_shard(path / fname, tensors)
         for n, t in tensors.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    write_index(path, weight_map, total)
     cfg = args.to_hf_config()
     cfg["torch_dtype"] = str(float_dtype).replace("torch.", "")
     if tokenizer:
@@ -105,18 +135,10 @@ def _random(ours: str, shape: tuple[int, ...], gen: torch.Generator, std: float)
     return std * torch.randn(shape, generator=gen)
 
 
-def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
-
-
 def write_tokenizer(path, vocab_size: int = 320, corpus: str = _CORPUS) -> Path:
     """A byte-level BPE (DeepSeek's special tokens first: bos 0, eos 1) trained on `corpus`, with
     tokenizer_config.json carrying DeepSeek-V3's chat template and generation_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from dsv3.tokenizer import DEEPSEEK_V3_CHAT_TEMPLATE
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -143,15 +165,10 @@ def write_tokenizer(path, vocab_size: int = 320, corpus: str = _CORPUS) -> Path:
 
 def cli_env() -> dict[str, str]:
     """Environment for a subprocess that runs this checkout's dsv3 (PYTHONPATH = repository root)."""
-    import os
-
     return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
 
 
 def run_cli(*args, input: str | None = None, module: str = "dsv3.cli", timeout: float = 180):
     """`python -m dsv3.cli ARGS...` in a subprocess: the CompletedProcess (text mode)."""
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, input=input,
                           env=cli_env(), cwd=str(Path(__file__).resolve().parents[1]), timeout=timeout)

@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
+from dsv3.config import ModelArgs
 from dsv3.train_state import (
     check_args,
     load_weights_into,
@@ -219,7 +222,6 @@ def _setup(ns, resume: bool) -> _Run:
     from tokenizers import Tokenizer
 
     from dsv3 import data
-    from dsv3.config import ModelArgs
 
     if ns.threads:
         torch.set_num_threads(ns.threads)

@@ -2,7 +2,7 @@
 
 Arguments: `check_args` checks every flag and --out before any data is read, anything written
 or torch imported, and raises a one-line `UsageError` naming the flag and the accepted range;
-`model_args` builds the ModelArgs from --config (default: the bundled model's shape, `TINY_LM`)
+`model_args` builds the ModelArgs from --config (default: the bundled model's shape, the tiny-lm config)
 and the --set overrides.
 
 State: a checkpoint directory is an ordinary Hugging Face DeepSeek-V3 directory (config.json +
@@ -16,22 +16,18 @@ renamed, trainer_state.json last; a save cut between two renames is refused on r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import typing
 from pathlib import Path
 
-from dsv3.errors import UsageError
+# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
+# parser (importing this module) without loading torch.
+from dsv3.config import ModelArgs
+from dsv3.errors import CheckpointError, UsageError
 
-# The architecture of the bundled model (dsv3/assets/dsv3-tiny): every DeepSeek-V3
-# feature, scaled to train on two CPU cores in well under an hour. vocab_size comes
-# from the tokenizer.
-TINY_LM = dict(
-    max_seq_len=512, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4, n_dense_layers=1, n_heads=4,
-    n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
-    score_func="sigmoid", route_scale=2.5, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=16, v_head_dim=16, original_seq_len=128, rope_factor=4.0, mscale=1.0, n_mtp_layers=1,
-)
 MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte tokens + DeepSeek's special tokens (dsv3.data.SPECIAL_TOKENS)
 MAX_VOCAB = 1 << 20
 
@@ -47,7 +43,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # torch.s
 # ---------------------------------------------------------------------- argument checks
 def _parse_field(name: str, raw: str, hint):
     """`--set FIELD=VALUE`: VALUE as the ModelArgs field's annotated type, or UsageError naming both."""
-    import typing
 
     args = typing.get_args(hint)
     if type(None) in args:  # `X | None`
@@ -81,10 +76,6 @@ def _parse_field(name: str, raw: str, hint):
 
 def _set_changes(ns) -> dict:
     """The --set FIELD=VALUE overrides as typed ModelArgs changes."""
-    import dataclasses
-    import typing
-
-    from dsv3.config import ModelArgs
 
     hints = typing.get_type_hints(ModelArgs)
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -100,10 +91,8 @@ def _set_changes(ns) -> dict:
 
 
 def model_args(ns, vocab_size: int):
-    """The ModelArgs of a fresh run: --config (default: TINY_LM) with --set and the tokenizer's vocabulary."""
-    from dsv3.config import ModelArgs
-
-    args = ModelArgs.load(ns.config) if ns.config else ModelArgs(**TINY_LM, vocab_size=vocab_size)
+    """The ModelArgs of a fresh run: --config (default: ModelArgs.tiny("tiny-lm")) with --set and the tokenizer's vocabulary."""
+    args = ModelArgs.load(ns.config) if ns.config else ModelArgs.tiny("tiny-lm", vocab_size=vocab_size)
     args = args.replace(**{**_set_changes(ns), "vocab_size": vocab_size})
     if ns.seq_len > args.max_seq_len:
         raise UsageError(f"--seq-len {ns.seq_len} exceeds max_seq_len {args.max_seq_len}")
@@ -192,8 +181,6 @@ def check_args(ns) -> dict | None:
         raise UsageError(f"{out} was trained with --steps {doc['steps']} --seed {doc['seed']}; "
                          "resume with the same values or choose another --out")
     check_trainer_state(out)
-    from dsv3.config import ModelArgs
-
     args = ModelArgs.from_hf_config(out)
     if ns.seq_len > args.max_seq_len:
         raise UsageError(f"--seq-len {ns.seq_len} exceeds max_seq_len {args.max_seq_len} of {out / 'config.json'}")
@@ -202,20 +189,6 @@ def check_args(ns) -> dict | None:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def hf_state_dict(model) -> dict:
-    """The model's tensors under their Hugging Face names, with the MTP layer's copies of embedding and head."""
-    from dsv3.checkpoint import MTP_SHARED_COPIES, dsv3_to_hf
-
-    args = model.args
-    names = dsv3_to_hf(args)
-    sd = model.state_dict()
-    out = {names[k]: v.detach().contiguous() for k, v in sd.items()}
-    for k in range(args.n_mtp_layers):
-        for hf_suffix, ours in MTP_SHARED_COPIES.items():
-            out[f"model.layers.{args.n_layers + k}.{hf_suffix}"] = sd[ours].detach().clone()
-    return out
-
-
 def _replace_text(path: Path, text: str) -> None:
     """Write `path` via a temporary file and a rename: a reader sees the old or the new content, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -229,17 +202,18 @@ def save_checkpoint(model, out_dir: Path, trainer_state: dict | None = None) -> 
     With a trainer state, every file is written to `*.tmp` first and the renames come last, trainer_state.json
     last of all: it is what marks the directory resumable, and its step is recorded in the two tensor files
     so that a resume can tell a save that was cut between two renames (see `read_trainer_state`)."""
-    from safetensors.torch import save_file
+    from dsv3.names import hf_state
+    from dsv3.safetensors_io import write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.args.to_hf_config()
     cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     cfg["bos_token_id"], cfg["eos_token_id"] = 0, 1
-    meta = {"format": "pt"}
+    meta = {}
     if trainer_state is not None:
         meta["dsv3_train_step"] = str(trainer_state["step"])
     tmp = out_dir / "model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata=meta)
+    write_shard(tmp, hf_state(model), meta)
     staged = [tmp] if trainer_state is None else [tmp, *_stage_trainer_state(trainer_state, out_dir)]
     for f in staged:
         f.replace(f.with_name(f.name.removesuffix(".tmp")))
@@ -289,8 +263,6 @@ def _stage_trainer_state(state: dict, out_dir: Path) -> list[Path]:
 
 def read_trainer_state_json(out_dir: Path) -> dict:
     """The JSON half of a trainer state (step, steps, seed, log, args, optimizer structure), checked."""
-    from dsv3.errors import CheckpointError
-
     f = out_dir / STATE_JSON
     try:
         doc = json.loads(f.read_text())
@@ -310,8 +282,6 @@ def check_trainer_state(out_dir: Path) -> dict:
     leaves them apart, and resuming from such a mix would not be the run it claims to be."""
     from safetensors import safe_open
 
-    from dsv3.errors import CheckpointError
-
     doc = read_trainer_state_json(out_dir)
     for f in (out_dir / STATE_TENSORS, out_dir / "model.safetensors"):
         try:
@@ -330,8 +300,6 @@ def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
     """(json doc, optimizer state_dict for `opt` with the generator state under "generator"), from the
     safetensors + JSON pair checked by `check_trainer_state`."""
     from safetensors.torch import load_file
-
-    from dsv3.errors import CheckpointError
 
     doc = check_trainer_state(out_dir)
     tfile = out_dir / STATE_TENSORS
@@ -362,11 +330,11 @@ def load_weights_into(model, ckpt_dir: Path) -> None:
     """Copy the weights of an HF-layout checkpoint into an already built model (keeps requires_grad)."""
     from safetensors.torch import load_file
 
-    from dsv3.checkpoint import hf_to_dsv3
+    from dsv3.names import Kind, classify
 
     state = {}
     for hf, t in load_file(str(ckpt_dir / "model.safetensors")).items():
-        r = hf_to_dsv3(hf, model.args)
-        if r is not None and not r[0].startswith("mtp-copy:"):
-            state[r[0]] = t
+        n = classify(hf, model.args)
+        if n is not None and n.kind in (Kind.WEIGHT, Kind.SCALE):
+            state[n.ours] = t
     model.load_state_dict(state, strict=True)

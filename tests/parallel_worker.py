@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from dsv3.checkpoint import load_model
 from dsv3.distributed import maybe_init_distributed, rank_of, shutdown
 from dsv3.generation import generate
-from dsv3.parallel import load_model_parallel
 
 PROMPTS = [[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 128]]
 
@@ -25,7 +25,7 @@ def main(out: str, *ckpts: str) -> None:
     for spec in ckpts:
         name, path = spec.split("=", 1)
         for impl, dtype in [("absorb", None), ("naive", None)] + ([("dequant", torch.float32)] if name == "fp8" else []):
-            model = load_model_parallel(path, group, dtype=dtype, attn_impl="naive" if impl == "naive" else "absorb")
+            model = load_model(path, group=group, dtype=dtype, attn_impl="naive" if impl == "naive" else "absorb")
             with torch.inference_mode():
                 logits, mtp_logits = model.forward_mtp(tokens)
             res[f"{name}/{impl}"] = {"logits": logits, "mtp_logits": mtp_logits,

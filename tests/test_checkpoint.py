@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3 import checkpoint as ck
-from dsv3.checkpoint import check_checkpoint, hf_to_dsv3, iter_tensors, load_model
+from dsv3.checkpoint import check_checkpoint, load_model
 from dsv3.errors import CheckpointError, ConfigError
+from dsv3.names import hf_to_dsv3
+from dsv3.safetensors_io import iter_tensors
 from dsv3.testing import cli_env, tiny_hf_args, write_checkpoint
 
 TOKENS = torch.tensor([[3, 17, 101, 250, 8, 64, 299, 12], [7, 7, 200, 31, 5, 90, 1, 44]])

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import dsv3
-from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3
 from dsv3.config import ModelArgs
 from dsv3.errors import CheckpointError
+from dsv3.names import dsv3_to_hf, hf_to_dsv3
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])

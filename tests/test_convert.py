@@ -14,9 +14,11 @@ import torch
 from cli_run import assert_user_error, cli_env, run_dsv3, tree_digest  # tests/ is on sys.path under pytest
 
 from dsv3 import convert as conv
-from dsv3.checkpoint import is_quantized_in_release, iter_tensors, load_model, scan
+from dsv3.checkpoint import load_model, scan
 from dsv3.errors import CheckpointError
 from dsv3.fp8 import weight_dequant, weight_quant
+from dsv3.names import is_quantized_in_release
+from dsv3.safetensors_io import iter_tensors
 from dsv3.testing import run_cli, write_checkpoint
 
 TOKENS = torch.tensor([[3, 17, 101, 250, 8, 64, 299, 12]])

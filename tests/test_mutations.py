@@ -52,7 +52,7 @@ MUTATIONS = {
          "test_mla.py::test_decode_steps_match_float64_reference[latent]",
          "test_parity_transformers.py::test_logits_match_transformers[qlora-groups-yarn-latent]"]),
     "a shard dim swapped": (
-        "dsv3/checkpoint.py", '("self_attn.o_proj", "attn.wo", 1)', '("self_attn.o_proj", "attn.wo", 0)',
+        "dsv3/names.py", '("self_attn.o_proj", "attn.wo", 1)', '("self_attn.o_proj", "attn.wo", 0)',
         ["test_parallel.py::test_name_table_splits_what_the_hand_written_table_splits"]),
     "FP8 dequantised with one block's scale": (
         "dsv3/fp8.py", "scale = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]",

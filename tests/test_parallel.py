@@ -1,7 +1,7 @@
 """Tensor/expert-parallel runs (gloo, several CPU processes under torchrun) against the single process.
 
 Each launch is a real `torchrun` (or `-m torch.distributed.run`) of tiny checkpoints written
-by tests/tiny_ckpt.py: float32, and FP8 with 8×8 blocks.
+by dsv3.testing.write_tiny_checkpoint: float32, and FP8 with 8×8 blocks.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import pytest
 import torch
 from parallel_worker import PROMPTS  # tests/ is on sys.path under pytest (rootdir conftest)
 from safetensors import safe_open
-from tiny_ckpt import tiny_args, write_tiny_checkpoint
 
 from dsv3 import load_model
-from dsv3.checkpoint import dsv3_to_hf, hf_to_dsv3
 from dsv3.errors import ConfigError
 from dsv3.generation import generate
+from dsv3.names import dsv3_to_hf, hf_to_dsv3
 from dsv3.parallel import check_world_size, shard_model, valid_world_sizes
+from dsv3.testing import tiny_dist_args as tiny_args
+from dsv3.testing import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -291,8 +292,8 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     """A tensor missing from the index: a DistributedError naming it (in-process, one gloo rank)."""
     import torch.distributed as dist
 
+    from dsv3.checkpoint import load_model
     from dsv3.errors import DistributedError
-    from dsv3.parallel import load_model_parallel
 
     bad = tmp_path / "ckpt"
     bad.mkdir()
@@ -304,7 +305,7 @@ def test_checkpoint_mismatch_is_reported_through_the_exchange(ckpts, tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(DistributedError, match=r"1 missing tensor\(s\): layers.0.attn.wq_a.weight"):
-            load_model_parallel(bad, dist.group.WORLD)
+            load_model(bad, group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 

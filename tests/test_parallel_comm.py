@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from tiny_ckpt import tiny_args  # tests/ is on sys.path under pytest (rootdir conftest)
 
 from dsv3.model import Transformer
 from dsv3.parallel import parallelize
 from dsv3.plan import comm_bytes_per_token
+from dsv3.testing import tiny_dist_args as tiny_args
 
 
 @pytest.fixture

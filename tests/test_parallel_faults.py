@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 from cli_run import assert_user_error, run_dsv3
 from safetensors.torch import load_file, save_file
-from tiny_ckpt import write_tiny_checkpoint
 
 from dsv3.checkpoint import BUNDLED_MODEL_DIR
 from dsv3.config import ModelArgs
 from dsv3.errors import ConfigError
 from dsv3.parallel import check_world_size, valid_world_sizes
+from dsv3.testing import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -92,11 +92,11 @@ def test_dequantised_rank_slices_equal_slices_of_the_single_process_model():
     import torch
 
     from dsv3 import load_model
-    from dsv3.parallel import _read_rank, shard_model
+    from dsv3.checkpoint import load_rank
+    from dsv3.parallel import shard_model
 
-    args = ModelArgs.from_hf_config(BUNDLED_MODEL_DIR).replace(dtype="bf16")  # as load_model_parallel(dtype=...)
     for rank in range(2):
-        mine = _read_rank(BUNDLED_MODEL_DIR, args, rank, 2, torch.float32, "cpu").state_dict()
+        mine = load_rank(BUNDLED_MODEL_DIR, rank, 2, dtype=torch.float32).state_dict()
         ref = shard_model(load_model(BUNDLED_MODEL_DIR, dtype=torch.float32), rank, 2).state_dict()
         assert mine.keys() == ref.keys()
         for name, t in mine.items():

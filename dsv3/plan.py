@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import json
 
-# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
-# parser (importing this module) without loading torch.
+import torch
+
 from dsv3.config import ModelArgs
 from dsv3.errors import UsageError
+from dsv3.info import kv_cache_bytes_per_token
+from dsv3.model import Block
+from dsv3.parallel import check_world_size, shard_block, valid_world_sizes
 
 RESERVE_FRACTION = 0.05  # of each GPU, kept free for fragmentation
 RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator slack per rank
@@ -35,7 +38,6 @@ RUNTIME_OVERHEAD = 2 * 10**9  # CUDA context + NCCL/gloo buffers + allocator sla
 def _bytes(module) -> int:
     """Bytes as the release stores them: FP8 weights 1 B, block scales and the gate bias float32, the rest bf16
     (the model builds some small tensors -- norms, gate weight -- in float32 until a checkpoint assigns them)."""
-    import torch
 
     def size(name, p):
         if p.dtype == torch.float8_e4m3fn:
@@ -46,10 +48,6 @@ def _bytes(module) -> int:
 
 def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
     """Bytes of rank 0's parameters (every rank holds the same amount) under `world`-way parallelism."""
-    import torch
-
-    from dsv3.model import Block
-    from dsv3.parallel import shard_block
 
     dtype = torch.bfloat16
     total = 0
@@ -73,7 +71,6 @@ def weights_bytes_per_rank(args, world: int, mtp: bool = False) -> int:
 
 def kv_cache_bytes_per_rank(args, batch: int, max_seq_len: int, mtp: bool = False) -> int:
     """The latent cache of `batch` sequences of `max_seq_len` tokens (replicated on every rank; bf16)."""
-    from dsv3.info import kv_cache_bytes_per_token  # imports torch: only when planning
 
     return batch * max_seq_len * kv_cache_bytes_per_token(args, mtp=mtp)
 
@@ -118,7 +115,6 @@ def comm_bytes_per_token(args, world: int, act_bytes: int = 2) -> dict[str, floa
 def plan(args, gpus: int, gpu_mem_gb: float, *, batch: int = 1, max_seq_len: int | None = None,
          prefill_tokens: int | None = None, mtp: bool = False, search: bool = True) -> dict:
     """The per-rank budget of `gpus` GPUs of `gpu_mem_gb` GB each (see the module docstring)."""
-    from dsv3.parallel import check_world_size, valid_world_sizes
 
     check_world_size(args, gpus)
     max_seq_len = max_seq_len or args.max_seq_len
@@ -144,7 +140,6 @@ def plan(args, gpus: int, gpu_mem_gb: float, *, batch: int = 1, max_seq_len: int
 
 
 def run(ns) -> int:
-
     args = ModelArgs.load(ns.config)
     if ns.dtype:
         args = args.replace(dtype=ns.dtype)

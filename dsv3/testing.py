@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelArgs
@@ -138,7 +139,6 @@ def _random(ours: str, shape: tuple[int, ...], gen: torch.Generator, std: float)
 def write_tokenizer(path, vocab_size: int = 320, corpus: str = _CORPUS) -> Path:
     """A byte-level BPE (DeepSeek's special tokens first: bos 0, eos 1) trained on `corpus`, with
     tokenizer_config.json carrying DeepSeek-V3's chat template and generation_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

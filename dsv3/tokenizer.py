@@ -11,8 +11,14 @@ non-escaping `tojson`), giving the same string as transformers' `apply_chat_temp
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import jinja2
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
 
 from dsv3.errors import CheckpointError, UsageError
 
@@ -72,7 +78,6 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path) -> Tokenizer:
         """Read tokenizer.json (+ tokenizer_config.json, generation_config.json, config.json) from `path`."""
-        from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
         file = path / "tokenizer.json"
@@ -125,7 +130,6 @@ class Tokenizer:
             raise CheckpointError(f"{self.source}: tokenizer_config.json has no chat_template")
         if self._compiled is None:
             self._compiled = compile_template(self.chat_template)
-        from jinja2.exceptions import TemplateError
 
         # As transformers does: keys whose value is None are dropped (APIs send content=None,
         # templates handle a missing key better), so both render the same string.
@@ -140,10 +144,6 @@ class Tokenizer:
 
 def compile_template(source: str):
     """A jinja2 template in an immutable sandbox, with Hugging Face's template helpers."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)

@@ -33,9 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
-# parser (importing this module) without loading torch.
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from dsv3 import data
 from dsv3.config import ModelArgs
+from dsv3.model import Transformer
 from dsv3.train_state import (
     check_args,
     load_weights_into,
@@ -75,7 +80,6 @@ class RouterStats:
         def hook(gate, inputs, outputs):
             if not self.active:
                 return
-            import torch
 
             indices = outputs[1]  # (n, k)
             e = gate.weight.shape[0]
@@ -101,7 +105,6 @@ class RouterStats:
 
     def update_bias(self, gamma: float) -> None:
         """b_e += γ · sign(mean load − load_e) for every MoE layer (the aux-loss-free rule)."""
-        import torch
 
         if gamma == 0:
             return
@@ -123,7 +126,6 @@ class RouterStats:
 
 def losses(model, tokens, mtp_lambda: float):
     """tokens (b, s + 1) -> (total, main CE, MTP CE or None). Positions predicting beyond the window are dropped."""
-    import torch.nn.functional as F
 
     x, y = tokens[:, :-1], tokens[:, 1:]
     if not model.mtp:
@@ -143,8 +145,6 @@ def losses(model, tokens, mtp_lambda: float):
 
 def evaluate(model, windows, batch_size: int = 8) -> dict[str, float]:
     """Held-out next-token loss/perplexity/accuracy and MTP depth-1 loss/accuracy over (n, s + 1) windows."""
-    import torch
-    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -176,10 +176,6 @@ def evaluate(model, windows, batch_size: int = 8) -> dict[str, float]:
 
 
 def build_model(args, seed: int):
-    import torch
-
-    from dsv3.model import Transformer
-
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(args, dtype=torch.float32)
@@ -189,8 +185,6 @@ def build_model(args, seed: int):
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
-    import torch
-
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -218,10 +212,6 @@ class _Run:
 
 def _setup(ns, resume: bool) -> _Run:
     """Corpus, tokenizer, model and optimizer: fresh, or resumed from --out's trainer state."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from dsv3 import data
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -262,9 +252,6 @@ def _setup(ns, resume: bool) -> _Run:
 
 def _step(ns, run: _Run, step: int, t_begin: float) -> dict:
     """One optimizer step from `step` (bias update and, when due, the held-out evaluation); its log row."""
-    import torch
-
-    from dsv3 import data
 
     model, opt, stats = run.model, run.opt, run.stats
     t0 = time.perf_counter()
@@ -330,14 +317,12 @@ def train(ns) -> dict:
     # every argument and --out, before any data is read or anything written (and before torch is imported,
     # so that a mistake is reported at once)
     resume = check_args(ns) is not None
-    from dsv3 import data
 
     run = _setup(ns, resume)
     stop = {"flag": False}
     old_handler = _catch_sigint(stop)
     bar = None
     if not ns.quiet:
-        from tqdm import tqdm
 
         bar = tqdm(total=ns.steps, initial=run.start, desc="train", dynamic_ncols=True, mininterval=1.0)
     t_begin = time.perf_counter()

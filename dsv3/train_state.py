@@ -23,10 +23,14 @@ import os
 import typing
 from pathlib import Path
 
-# torch, and the dsv3 modules that import it, are imported where used: `dsv3 --help` builds every command's
-# parser (importing this module) without loading torch.
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from dsv3.config import ModelArgs
 from dsv3.errors import CheckpointError, UsageError
+from dsv3.names import Kind, classify, hf_state
+from dsv3.safetensors_io import write_shard
 
 MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte tokens + DeepSeek's special tokens (dsv3.data.SPECIAL_TOKENS)
 MAX_VOCAB = 1 << 20
@@ -202,8 +206,6 @@ def save_checkpoint(model, out_dir: Path, trainer_state: dict | None = None) -> 
     With a trainer state, every file is written to `*.tmp` first and the renames come last, trainer_state.json
     last of all: it is what marks the directory resumable, and its step is recorded in the two tensor files
     so that a resume can tell a save that was cut between two renames (see `read_trainer_state`)."""
-    from dsv3.names import hf_state
-    from dsv3.safetensors_io import write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.args.to_hf_config()
@@ -237,8 +239,6 @@ def _json_value(v):
 def _stage_trainer_state(state: dict, out_dir: Path) -> list[Path]:
     """Write trainer_state.safetensors.tmp and trainer_state.json.tmp (in that order of renaming) from
     {step, steps, seed, optimizer: opt.state_dict(), generator: gen.get_state(), log, args}."""
-    import torch
-    from safetensors.torch import save_file
 
     tensors = {"generator": state["generator"].contiguous()}
     opt_state: dict[str, dict] = {}
@@ -280,7 +280,6 @@ def check_trainer_state(out_dir: Path) -> dict:
     """The JSON half of a trainer state, after checking (headers only, no tensor read) that the step recorded in
     trainer_state.json, trainer_state.safetensors and model.safetensors agree: a save cut between two renames
     leaves them apart, and resuming from such a mix would not be the run it claims to be."""
-    from safetensors import safe_open
 
     doc = read_trainer_state_json(out_dir)
     for f in (out_dir / STATE_TENSORS, out_dir / "model.safetensors"):
@@ -299,7 +298,6 @@ def check_trainer_state(out_dir: Path) -> dict:
 def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
     """(json doc, optimizer state_dict for `opt` with the generator state under "generator"), from the
     safetensors + JSON pair checked by `check_trainer_state`."""
-    from safetensors.torch import load_file
 
     doc = check_trainer_state(out_dir)
     tfile = out_dir / STATE_TENSORS
@@ -328,9 +326,6 @@ def read_trainer_state(out_dir: Path, opt) -> tuple[dict, dict]:
 
 def load_weights_into(model, ckpt_dir: Path) -> None:
     """Copy the weights of an HF-layout checkpoint into an already built model (keeps requires_grad)."""
-    from safetensors.torch import load_file
-
-    from dsv3.names import Kind, classify
 
     state = {}
     for hf, t in load_file(str(ckpt_dir / "model.safetensors")).items():

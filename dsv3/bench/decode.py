@@ -15,11 +15,23 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from dsv3.checkpoint import load_model, save_model
+from dsv3.config import ModelArgs
+from dsv3.decode_step import DecodeRunner
+from dsv3.errors import UsageError
+from dsv3.info import param_counts
+from dsv3.model import Transformer
+from dsv3.outputs import check_output_path
 
 BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
 
@@ -27,11 +39,6 @@ BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3
 # ---------------------------------------------------------------------- checkpoint
 def ensure_checkpoint(preset: str, dtype: str) -> Path:
     """A random checkpoint of `preset` in the HF layout, written once and reused."""
-    import torch
-
-    from dsv3.checkpoint import save_model
-    from dsv3.config import ModelArgs
-    from dsv3.model import Transformer
 
     path = BENCH_DIR / f"{preset}-{dtype}"
     if (path / "config.json").is_file():
@@ -51,7 +58,6 @@ def ensure_checkpoint(preset: str, dtype: str) -> Path:
 # ---------------------------------------------------------------------- floor
 def read_bandwidth(threads: int, mbytes: int = 256) -> float:
     """Bytes/s streamed by an fp32 matrix-vector product over `mbytes` MB (best of 5)."""
-    import torch
 
     torch.set_num_threads(threads)
     n = 4096
@@ -68,8 +74,6 @@ def read_bandwidth(threads: int, mbytes: int = 256) -> float:
 
 
 def floor_bytes(args, batch: int, bytes_per_param: int) -> float:
-    from dsv3.info import param_counts
-
     pc = param_counts(args)
     expert = 3 * args.dim * args.moe_inter_dim
     n_moe = args.n_layers - args.n_dense_layers
@@ -81,14 +85,10 @@ def floor_bytes(args, batch: int, bytes_per_param: int) -> float:
 
 # ---------------------------------------------------------------------- workers
 def _rss_bytes() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(spec: dict) -> dict:
-    import torch
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     dtype = getattr(torch, spec["dtype"])
@@ -150,8 +150,6 @@ def worker(spec: dict) -> dict:
 
 def _dsv3_runner(ckpt: str, dtype, impl: str, max_len: int, batch: int, mode: str, device):
     """Readable path (`model(x, pos, cache)`) or a `DecodeRunner` mode (static step, compiled, CUDA graph)."""
-    from dsv3.checkpoint import load_model
-    from dsv3.decode_step import DecodeRunner
 
     attn = impl.split(":")[1]
     model = load_model(ckpt, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max(max_len, 16))
@@ -187,8 +185,6 @@ def _transformers_runner(ckpt: str, dtype, device):
         return out.logits
 
     def cache_bytes():
-        import torch
-
         total = 0
         for t in _tensors(state["pkv"]):
             if isinstance(t, torch.Tensor):
@@ -203,8 +199,6 @@ def _param_bytes(model) -> int:
 
 
 def _tensors(obj, depth=0):
-    import torch
-
     if isinstance(obj, torch.Tensor):
         yield obj
     elif depth < 4 and isinstance(obj, (list, tuple)):
@@ -228,13 +222,9 @@ def _spawn(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------- driver
 def run(ns) -> int:
-    from dsv3.config import ModelArgs
-
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
         return 0
-    from dsv3.errors import UsageError
-    from dsv3.outputs import check_output_path
 
     attn = [a for a in ns.attn.split(",") if a]
     if not attn or any(a not in ("absorb", "naive") for a in attn):
@@ -312,10 +302,6 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def _machine() -> dict:
-    import platform
-
-    import torch
-
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -29,6 +29,9 @@ import time
 from datetime import datetime, timezone
 from functools import partial
 
+import torch
+
+from dsv3 import fp8
 from dsv3.errors import UsageError
 from dsv3.outputs import check_output_path, write_atomic
 
@@ -61,8 +64,6 @@ def _scaled_mm(torch, a, b_t, sa, sb):
 
 
 def run(ns: argparse.Namespace) -> int:
-    import torch
-
     cuda = torch.cuda.is_available()
     if not cuda and not ns.quick:
         raise UsageError("bench kernels: the full DeepSeek-V3 shape set needs a CUDA GPU; use --quick on CPU")
@@ -74,7 +75,6 @@ def run(ns: argparse.Namespace) -> int:
     ms = ns.m or (QUICK_MS if ns.quick else MS)
     nks = QUICK_NKS if ns.quick else NKS
 
-    from dsv3 import fp8
 
     impl, gemm, quant, weight_quant = _implementation(cuda)
     device = "cuda" if cuda else "cpu"
@@ -119,7 +119,6 @@ def run(ns: argparse.Namespace) -> int:
 def _implementation(cuda: bool):
     """(name, fp8 GEMM, activation quantiser, weight quantiser): the Triton kernels on CUDA or under the
     interpreter, else the torch references of dsv3.fp8."""
-    from dsv3 import fp8
 
     impl, gemm, quant = "torch reference", fp8.fp8_gemm, fp8.act_quant
     weight_quant = fp8.weight_quant
@@ -152,7 +151,6 @@ def _seconds_per_call(fn, *, cuda: bool, rep_ms: float) -> float:
 
 def _measure(x, wq, ws, w16, wdeq, *, gemm, quant, timeit, gen, peak_bf16, peak_fp8) -> dict:
     """One table row: x (M, K) bf16 times the (N, K) weight three ways, and fp8_gemm's error against float32."""
-    import torch
 
     (m, k), n = x.shape, w16.shape[0]
     xq, xs = quant(x)

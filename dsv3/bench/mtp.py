@@ -11,6 +11,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from dsv3.checkpoint import load_model
+from dsv3.errors import CheckpointError
+from dsv3.generation import generate
+from dsv3.speculative import generate_mtp
 
 PROMPTS = [
     "To be, or not to be, that is the question:",
@@ -25,17 +34,12 @@ PROMPTS = [
 
 
 def bundled_dir():
-    from pathlib import Path
-
     return Path(__file__).resolve().parent.parent / "assets" / "dsv3-tiny"
 
 
 def encode_prompts(path, n: int, vocab: int) -> list[list[int]]:
-    import torch
-
     tok_file = path / "tokenizer.json"
     if tok_file.is_file():
-        from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tok_file))
         return [[0] + tok.encode(t).ids for t in (PROMPTS * (n // len(PROMPTS) + 1))[:n]]
@@ -44,9 +48,6 @@ def encode_prompts(path, n: int, vocab: int) -> list[list[int]]:
 
 
 def measure(model, prompts: list[list[int]], new: int, batch: int, repeats: int) -> dict:
-    from dsv3.generation import generate
-    from dsv3.speculative import generate_mtp
-
     chunks = [prompts[i: i + batch] for i in range(0, len(prompts), batch)]
     n_tokens = sum(len(c) for c in chunks) * new
     best = {"plain": float("inf"), "mtp": float("inf")}
@@ -80,13 +81,6 @@ def measure(model, prompts: list[list[int]], new: int, batch: int, repeats: int)
 
 
 def run(ns) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from dsv3.checkpoint import load_model
-    from dsv3.errors import CheckpointError
-
     torch.set_num_threads(ns.threads)
     path = Path(ns.ckpt) if ns.ckpt else bundled_dir()
     if not (path / "config.json").is_file():

@@ -1,21 +1,7 @@
 """Convert a DeepSeek-V3 checkpoint between FP8 (the release format), BF16 and FP32, on CPU.
 
-FP8 -> BF16/FP32 needs no FP8-capable GPU (the official cast script does); BF16/FP32 -> FP8
-quantises exactly the tensors the release quantises (128×128 e4m3 blocks, float32
-`weight_scale_inv`), so our own models ship in the real format. Shard by shard, tensor
-by tensor: each output shard's header is known in advance, so tensors are written as
-they are produced and memory stays around one tensor. Tokenizer and other side files are
-copied; `quantization_config` is removed or added in config.json.
-
-Nothing is lost (docs/reliability-convert-train.md):
-- every check (source headers, every output path, free space) runs before any tensor is read;
-- DST may not be SRC, inside SRC or above it (symlinks resolved), with or without --force;
-- the output carries a marker file (`dsv3-convert.json`), and --force replaces only a directory
-  that has one: never a directory dsv3 did not write;
-- the output is written to `.DST.partial-PID` beside DST and renamed at the end; a failure or
-  SIGINT/SIGTERM/SIGHUP removes it (and any parent directories this run created), so the
-  filesystem is as it was; after a SIGKILL, the next run removes partial directories whose
-  process is gone and refuses to run beside one whose process is alive.
+The work behind `dsv3 convert`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/convert.py` (what `dsv3 convert --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

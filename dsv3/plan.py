@@ -1,22 +1,7 @@
 """Memory plan: will a config fit on N GPUs of G GB under dsv3's tensor/expert parallelism?
 
-Per rank (GB = 10⁹ bytes, as GPU vendors count):
-
-  weights     the bytes of this rank's parameters (+ FP8 block scales), counted on the
-              model itself after `dsv3.parallel.shard_model` on the meta device: sharded
-              tensors /N, routed experts E/N whole, replicated tensors (wq_a, wkv_a, norms,
-              gate) in full. The MTP layer is left out unless --mtp (plain generation does
-              not run it; the official inference does not load it either).
-  kv cache    the absorbed latent cache, batch × max_seq_len × (kv_lora_rank + rope) × 2 B
-              per layer -- replicated on every rank (as in the official code).
-  workspace   one forward step of `prefill_tokens` tokens per sequence: attention scores and
-              probabilities in float32 for the local heads, the MoE's gathered tokens, the
-              residual stream, full gathered float32 logits, the dequantised absorbed wkv_b
-              kept per layer, plus a fixed runtime overhead (CUDA context, NCCL buffers).
-  headroom    capacity - the three above; the plan fits when it keeps >= 5 % of the GPU
-              free (allocator fragmentation).
-
-It is arithmetic, not a measurement: `dsv3 bench` measures.
+The work behind `dsv3 plan`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/plan.py` (what `dsv3 plan --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

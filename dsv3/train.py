@@ -1,26 +1,7 @@
 """Train a small DeepSeek-V3 from scratch on CPU (next-token + MTP loss, aux-loss-free balancing).
 
-Objective: cross-entropy of the next token + λ · mean over MTP depths of the
-cross-entropy of token i+k+1 (V3 report §2.2; λ = 0.3 early in V3's training).
-
-Load balancing as in the V3 report (§2.1.2): no auxiliary loss steers the router;
-instead, after every optimizer step, each MoE layer's correction bias b_e (used only
-to *choose* experts) moves by γ towards balance,
-
-    b_e += γ · sign(mean_e' load_e' − load_e)
-
-where load_e counts the tokens routed to expert e during that step. γ = 0 turns it
-off. A small sequence-wise balance loss α · Σ_e f_e P_e (report eq. 17–20) can be
-added on top (α = 0 turns it off).
-
-Everything is deterministic given --seed: initial weights, batch sampling and the
-resumed state (optimizer, step, sampler RNG) all come from the checkpoint directory,
-which is an ordinary Hugging Face DeepSeek-V3 directory (config.json +
-model.safetensors, float32) plus the trainer state -- `trainer_state.safetensors`
-(optimizer moments, sampler RNG) and `trainer_state.json` (step, log, arguments,
-optimizer hyperparameters): data only, never a pickle -- the tokenizer files and the
-log (`train_log.csv`, `train_log.json`). Ctrl-C finishes the current step, saves,
-and exits; running the same command again resumes.
+The work behind `dsv3 train`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/train.py` (what `dsv3 train --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor.
 
-Every measurement runs in a fresh process (`--worker`), implementations alternate
-run by run, and the table reports medians and ratios. The floor is the time to
-read, once, the weights a decode step must touch -- the activated parameters
-without the embedding table (a lookup reads one row) -- at this machine's measured
-single-stream read bandwidth (an fp32 matrix-vector product over 256 MB).
-For batch B, the routed experts touched per step are the expected number of
-distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
-Both implementations compute what generation needs: the last position's logits
-(dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does).
+The work behind `dsv3 bench decode`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/bench/decode.py` (what `dsv3 bench decode --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
 """FP8 block-scaled GEMM vs bf16 matmul vs torch._scaled_mm on DeepSeek-V3's shapes (TFLOP/s, share of peak).
 
-For every M in {1, 16, 128, 1024, 4096} and every (N, K) of the model's linear layers
-(q_b (24576, 1536), kv_b (32768, 512), o (7168, 16384), dense up/gate (18432, 7168),
-dense down (7168, 18432), expert up/gate (2048, 7168), expert down (7168, 2048),
-kv_a (576, 7168)), times C = A·Bᵀ three ways:
-
-  fp8_gemm    dsv3.kernels.fp8_gemm: 1×128 activation tiles, 128×128 weight blocks
-  bf16        torch.matmul of the same shape in bfloat16
-  scaled_mm   torch._scaled_mm with one scale per row of A and per column of Bᵀ (cuBLAS FP8),
-              where this torch/GPU supports it
-
-FLOPs = 2·M·N·K. "% peak" compares each with the card's dense peak for its input type
-(FP8 for fp8_gemm and scaled_mm, BF16 for bf16), from a small table of known cards or
---peak-fp8/--peak-bf16. The `err` column is ‖fp8_gemm − ref‖/‖ref‖ against a float32
-matmul of the dequantised operands: a broken kernel shows up here, not only in the tests.
-
-Without CUDA only `--quick` runs (tiny shapes, the Triton interpreter or the torch
-reference): it exercises the command end to end; its timings mean nothing.
+The work behind `dsv3 bench kernels`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/bench/kernels.py` (what `dsv3 bench kernels --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """MTP speculative decoding against plain decoding: acceptance rate, tokens/s, speedup (bundled model).
 
-Both decoders run side by side in one process on the same prompts (alternating, best
-of --repeats), greedy, batch 1 by default; `identical_greedy` says whether every
-speculative output equalled the plain one. Acceptance = accepted drafts / drafts
-made for generated positions. The prompts are fixed English lines encoded with the
-checkpoint's tokenizer (or random ids when it has none).
+The work behind `dsv3 bench mtp`. What it computes, and why, is the command's description: the
+docstring of `dsv3/cli/bench/mtp.py` (what `dsv3 bench mtp --help` shows), kept there so that --help needs no torch.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_no_import_cycles():
 # Unlisted modules (new files) fail test_every_module_has_a_layer: give them a room.
 LAYERS = {
     0: ("errors", "memory", "outputs", "options", "distributed"),  # support: used by every layer above
-    1: ("config", "rope", "layers", "fp8", "kernels", "mla", "indexer", "moe", "mtp", "model"),  # the model
+    1: ("config", "hf_config", "rope", "layers", "fp8", "kernels", "mla", "indexer", "moe", "mtp", "model"),  # the model
     2: ("names", "safetensors_io", "parallel", "checkpoint", "convert"),  # checkpoint I/O (+ the shard plan it reads by)
     3: ("sampling", "generation", "speculative", "decode_step", "tokenizer", "chat_format", "serve",
         "train", "train_state", "data", "plan", "info", "testing", "bench"),  # running it

@@ -236,21 +236,22 @@ class StreamParser:
         self.block = None  # the tool-call block's raw text, from its marker on
         self.done = False  # eos or a stop string was seen
         self.started = False  # a leading <think> can no longer appear
+        self.flushed = False
         self.reply = None
 
     def feed(self, delta: str) -> list[dict[str, str]]:
         """Delta pieces {"content": ...} / {"reasoning_content": ...} decided by this piece of text."""
-        if self.done or self.reply is not None:
+        if self.done:
             return []
         self.buf += delta
         return self._drain(final=False)
 
     def flush(self) -> list[dict[str, str]]:
         """The pieces still held back at the end (and a malformed tool block, which becomes content)."""
-        if self.reply is not None:
+        if self.flushed:
             return []
         out = [] if self.done else self._drain(final=True)
-        self.done = True
+        self.done = self.flushed = True
         if self.block is not None and self._calls() is None:
             out += self._emit("content", self.block)
         return out

@@ -103,7 +103,7 @@ class V31Format(ChatFormat):
     """DeepSeek-V3.1: thinking toggled by `<think>` / `</think>` after `<｜Assistant｜>`; `name<｜tool▁sep｜>{json}` calls."""
 
     def __init__(self, **kw):
-        super().__init__("v3.1", reasoning=True, thinking_default=False, tool_marker=CALLS_BEGIN, **kw)
+        super().__init__("v3.1", reasoning=True, toggle=True, tool_marker=CALLS_BEGIN, **kw)
 
     def _render(self, msgs, tools, thinking, add_generation_prompt):
         out = [self.bos, "\n\n".join(m["content"] for m in msgs if m["role"] == "system")]
@@ -203,7 +203,7 @@ class V32Format(ChatFormat):
     """DeepSeek-V3.2: DSML tool calls, `<function_results>`, reasoning kept for the turns after the last user message."""
 
     def __init__(self, **kw):
-        super().__init__("v3.2", reasoning=True, thinking_default=False, tool_marker=f"\n\n<{DSML}function_calls", **kw)
+        super().__init__("v3.2", reasoning=True, toggle=True, tool_marker=f"\n\n<{DSML}function_calls", **kw)
 
     def _render(self, msgs, tools, thinking, add_generation_prompt):
         # The encoder opens the assistant turn after every user message and closing tool result,

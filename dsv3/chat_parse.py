@@ -138,10 +138,12 @@ class ChatFormat:
     """A family's chat format: `render` messages to a prompt, `parse` / `stream_parser` the reply."""
 
     def __init__(self, name: str, *, bos: str = BOS, eos: str = EOS, reasoning: bool = False,
-                 thinking_default: bool = False, tool_marker: str | None = None, stop_strings=(USER,)):
+                 thinking_default: bool = False, toggle: bool = False, tool_marker: str | None = None,
+                 stop_strings=(USER,)):
         self.name, self.bos, self.eos = name, bos, eos
         self.reasoning = reasoning  # the model can write a <think> section
         self.thinking_default = thinking_default
+        self.toggle = toggle  # `thinking=` switches it (V3.1, V3.2); R1 always thinks
         self.tool_marker = tool_marker  # where a reply's tool-call block starts
         self._stops = list(stop_strings)
 
@@ -155,7 +157,8 @@ class ChatFormat:
         if thinking is not None and not isinstance(thinking, bool):
             raise UsageError(f"thinking: expected true, false or null, got {thinking!r}")
         return self._render(normalize_messages(messages), check_tools(tools),
-                            self.thinking_default if thinking is None else thinking, add_generation_prompt)
+                            self.thinking_default if thinking is None or not self.toggle else thinking,
+                            add_generation_prompt)
 
     def opens_reasoning(self, thinking=None, prompt: str | None = None) -> bool:
         """Whether the reply starts inside the reasoning section (the prompt ended with <think>)."""
@@ -163,7 +166,7 @@ class ChatFormat:
             return False
         if prompt is not None:
             return prompt.endswith(THINK) or prompt.endswith(THINK + "\n")
-        return self.thinking_default if thinking is None else bool(thinking)
+        return self.thinking_default if thinking is None or not self.toggle else bool(thinking)
 
     def stream_parser(self, *, thinking=None, prompt: str | None = None) -> StreamParser:
         """A parser fed the reply's text as it is generated; give the rendered `prompt` when you have it."""

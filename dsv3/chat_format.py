@@ -106,7 +106,8 @@ class V31Format(ChatFormat):
         super().__init__("v3.1", reasoning=True, toggle=True, tool_marker=CALLS_BEGIN, **kw)
 
     def _render(self, msgs, tools, thinking, add_generation_prompt):
-        out = [self.bos, "\n\n".join(m["content"] for m in msgs if m["role"] == "system")]
+        system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+        out = [self.bos, system + ("\n\n" + self._tools_text(tools) if tools else "")]
         last_user = in_outputs = False
         for m in msgs:
             role, content = m["role"], m["content"]
@@ -126,6 +127,18 @@ class V31Format(ChatFormat):
         if add_generation_prompt and last_user:
             out.append(ASSISTANT + (THINK if thinking else END_THINK))
         return "".join(out)
+
+    def _tools_text(self, tools) -> str:
+        # The model card's tool prompt ({system prompt}\n\n{tool_description}); the template has none.
+        specs = "".join(f"### {t['function']['name']}\nDescription: {t['function'].get('description', '')}\n\n"
+                        f"Parameters: {json.dumps(t['function'].get('parameters', {}))}\n\n" for t in tools)
+        return ("## Tools\nYou have access to the following tools:\n\n" + specs
+                + "IMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+                f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{TOOL_SEP}tool_call_arguments{CALL_END}"
+                "{additional_tool_calls}" + CALLS_END + "\n\nWhere:\n"
+                "- `tool_call_name` must be an exact match to one of the available tools\n"
+                "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+                "- For multiple tool calls, chain them directly without separators or spaces")
 
     def _calls_text(self, calls):
         if not calls:

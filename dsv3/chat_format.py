@@ -260,7 +260,7 @@ class V32Format(ChatFormat):
             text += "\n</function_results>\n\n" + (THINK if think else END_THINK)
         return text
 
-    def _dsml_calls(self, calls, i: int | None = None) -> str:
+    def _dsml_calls(self, calls, i: int = 0) -> str:
         if not calls:
             return ""
         invokes = []
@@ -270,7 +270,7 @@ class V32Format(ChatFormat):
             except ValueError:
                 args = None
             if not isinstance(args, dict):
-                raise UsageError(f"messages[{i or 0}].tool_calls[{j}].function.arguments: V3.2 needs a JSON object")
+                raise UsageError(f"messages[{i}].tool_calls[{j}].function.arguments: V3.2 needs a JSON object")
             params = "\n".join(f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
                                f"{v if isinstance(v, str) else _to_json(v)}</{DSML}parameter>" for k, v in args.items())
             invokes.append(f'<{DSML}invoke name="{c["name"]}">\n{params}\n</{DSML}invoke>')

@@ -31,6 +31,9 @@ def add_args(p) -> None:
     p.add_argument("--dtype", required=True, choices=DTYPES,
                    help="bf16/fp32: dequantise FP8 weights; fp8: quantise to DeepSeek's 128×128 block format "
                         "(required, no default)")
+    p.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
+                   help="with --dtype fp8: power-of-two weight scales, scale_fmt recorded in config.json "
+                        "(DeepSeek-V3.1's format; default: an FP8 source's own scale_fmt, else none)")
     p.add_argument("--force", action="store_true",
                    help="replace DST if an earlier dsv3 convert wrote it (it holds dsv3-convert.json); "
                         "never any other directory (default: off)")

@@ -109,3 +109,14 @@ def test_kimi_k2_plan_needs_16_gpus_of_141_gb():
     out = plan(args, 8, 141)
     assert not out["fits"] and out["smallest_gpus_that_fit"] == 16
     assert plan(args, 16, 141, search=False)["fits"]
+
+
+def test_kimi_k2_through_the_commands(capsys):
+    from dsv3.cli import main
+
+    kimi = str(CONFIGS / "Kimi-K2-Instruct.json")
+    assert main(["info", kimi]) == 0
+    text = capsys.readouterr().out
+    assert "1,026,408,232,448" in text and "32,861,500,928" in text
+    assert main(["plan", kimi, "--gpus", "8", "--gpu-mem-gb", "141"]) == 0
+    assert "does NOT fit on 8 x 141 GB; the smallest GPU count that fits is 16" in capsys.readouterr().out

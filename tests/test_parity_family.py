@@ -50,7 +50,7 @@ def shrink(c: dict) -> dict:
              num_hidden_layers=dense + 2, first_k_dense_replace=dense, num_attention_heads=3, num_key_value_heads=3,
              kv_lora_rank=24, q_lora_rank=32 if c.get("q_lora_rank") else None, qk_nope_head_dim=12,
              qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=experts, max_position_embeddings=64,
-             num_nextn_predict_layers=0, torch_dtype="float32")
+             num_nextn_predict_layers=0, torch_dtype="float32", bos_token_id=0, eos_token_id=1)
     if "head_dim" in c:  # V2's config: head_dim is the rope width
         s["head_dim"] = s["qk_rope_head_dim"]
     for key in ("rope_scaling", "rope_parameters"):

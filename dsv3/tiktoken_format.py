@@ -111,18 +111,19 @@ def load_ranks(file: Path) -> dict[bytes, int]:
 class TiktokenModel:
     """A tiktoken Encoding behind the `tokenizers.Tokenizer` calls dsv3.tokenizer makes."""
 
-    def __init__(self, encoding, special: dict[str, int]):
+    def __init__(self, encoding, special: dict[str, int], ranks: dict[bytes, int]):
         self.enc = encoding
         self.special = special
         self.special_ids = {i: s for s, i in special.items()}
+        self.known = set(ranks.values()) | set(special.values())
 
     def encode(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
         # special-token strings in the text become their ids, as Kimi's tokenizer does (allowed_special="all")
         return SimpleNamespace(ids=self.enc.encode(text, allowed_special="all"))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
+        # ids past the tokenizer's vocabulary (a model's padded embedding rows) decode to nothing, as in `tokenizers`
+        ids = [i for i in ids if i in self.known and not (skip_special_tokens and i in self.special_ids)]
         return self.enc.decode(ids)
 
     def token_to_id(self, token: str) -> int | None:
@@ -169,4 +170,4 @@ def load_tiktoken_dir(path: Path, tokenizer_config: dict[str, Any]) -> TiktokenM
                                 special_tokens=special)
     except ValueError as e:  # tiktoken's checks: regex syntax, duplicate ids
         raise CheckpointError(f"{path}: tiktoken refuses this tokenizer ({e})") from None
-    return TiktokenModel(enc, special)
+    return TiktokenModel(enc, special, ranks)

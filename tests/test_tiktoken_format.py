@@ -56,7 +56,7 @@ def _ranks() -> dict[bytes, int]:
     return ranks
 
 
-def write_kimi_style(path, *, class_file: str | None = None, with_class_file: bool = True):
+def write_kimi_style(path, *, class_file: str | None = None, with_class_file: bool = True, model_config: bool = True):
     path.mkdir(parents=True, exist_ok=True)
     ranks = _ranks()
     (path / "tiktoken.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
@@ -70,7 +70,8 @@ def write_kimi_style(path, *, class_file: str | None = None, with_class_file: bo
         "bos_token": "[BOS]", "eos_token": "[EOS]", "tokenizer_class": "TikTokenTokenizer",
         "chat_template": "{% for m in messages %}<|im_user|>{{ m['content'] }}<|im_end|>{% endfor %}",
     }))
-    (path / "config.json").write_text(json.dumps({"bos_token_id": base, "eos_token_id": base + 1}))
+    if model_config:
+        (path / "config.json").write_text(json.dumps({"bos_token_id": base, "eos_token_id": base + 1}))
     return path
 
 
@@ -148,3 +149,25 @@ def test_neither_tokenizer_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no tokenizer.json nor tiktoken.model"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_generate_command_reads_a_tiktoken_checkpoint(tmp_path, capsys):
+    """`dsv3 generate --ckpt DIR "text"` on a checkpoint whose tokenizer is tiktoken.model (the CLI's loading path)."""
+    import torch
+
+    import dsv3
+    from dsv3.cli import main
+    from dsv3.testing import tiny_hf_args, write_checkpoint
+
+    d = write_checkpoint(tmp_path / "ckpt", tiny_hf_args(), n_shards=1)  # vocabulary 320 >= 256 + 11 + 8
+    write_kimi_style(d, model_config=False)
+    assert not (d / "tokenizer.json").exists()
+    assert main(["generate", "--ckpt", str(d), "hello world", "--max-new-tokens", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref, base = _reference()
+    prompt = ref.encode("hello world")
+    want = dsv3.generate(dsv3.load_model(d, dtype=torch.bfloat16), [prompt], 4, eos_id=base + 1)
+    assert got["tokens"] == want
+    assert got["text"] == [ref.decode([i for i in want[0] if i < base])]
+    tok = Tokenizer.from_dir(d)
+    assert tok.decode([_ranks()[b"hello"], 300, 319]) == "hello"  # ids the model has and the tokenizer has not

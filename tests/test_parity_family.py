@@ -132,3 +132,29 @@ def test_latent_norm_eps_is_visible_here(family_pair):
     with torch.no_grad():
         rel, _ = _rel(model(tokens), hf(tokens).logits.float())
     assert rel > 10 * RTOL, rel
+
+
+@pytest.mark.parametrize("family_pair", ["DeepSeek-V3.1-Base"], indirect=True)
+def test_v31_fp8_ue8m0_checkpoint_matches_transformers(family_pair, tmp_path):
+    """V3.1's own format: the float checkpoint quantised by `dsv3 convert --dtype fp8` with its real
+    quantization_config (scale_fmt ue8m0 kept), read by dsv3 as FP8; transformers runs the same weights,
+    dequantised back to float32 (lossless with power-of-two scales, tests/test_convert_ue8m0.py)."""
+    from dsv3.convert import convert
+
+    name, hf_float, path = family_pair
+    real_q = json.loads((CONFIGS / f"{name}.json").read_text())["quantization_config"]
+    convert(path, tmp_path / "fp8", "fp8", scale_fmt=real_q["scale_fmt"], progress=False)
+    q = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert q == real_q
+    convert(tmp_path / "fp8", tmp_path / "fp32", "fp32", progress=False)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp32", attn_implementation="eager",
+                                               experts_implementation="eager").float().eval()
+    model = dsv3.load_model(tmp_path / "fp8", dtype=torch.float32)
+    ckpt = ModelArgs.from_hf_config(tmp_path / "fp8")
+    assert ckpt.dtype == "fp8" and ckpt.scale_fmt == model.args.scale_fmt == "ue8m0"
+    tokens = _tokens(model.args.vocab_size)
+    with torch.no_grad():
+        rel, rel_max = _rel(model(tokens), hf(tokens).logits.float())
+    assert rel < RTOL and rel_max < RTOL, (rel, rel_max)
+    with torch.no_grad():  # FP8 changed the weights: the float model before quantisation is another model
+        assert _rel(model(tokens), hf_float(tokens).logits.float())[0] > 100 * RTOL

@@ -118,6 +118,9 @@ def test_official_layout_is_named_when_pointed_at(hf_src, tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "off"), "--prompt-ids", "1,2", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "official DeepSeek-V3 inference layout" in err[0] and "Traceback" not in err[0]
+    shutil.copy(src / "config.json", tmp_path / "off")  # with a config.json beside it: named all the same
+    with pytest.raises(CheckpointError, match="official DeepSeek-V3 inference layout"):
+        dsv3.load_model(tmp_path / "off")
 
 
 def test_from_official_bad_inputs(hf_src, tmp_path, capsys):

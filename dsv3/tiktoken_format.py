@@ -26,6 +26,10 @@ from dsv3.errors import CheckpointError
 
 VOCAB_FILE = "tiktoken.model"
 DEFAULT_MODULE = "tokenization_kimi.py"
+# Kimi's encode cuts text into pieces before tiktoken sees it (tiktoken can fail on very long runs,
+# openai/tiktoken#195): at most this many characters, and runs of whitespace / non-whitespace at most this long
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
 
 
 def is_tiktoken_dir(path: Path) -> bool:
@@ -108,6 +112,22 @@ def load_ranks(file: Path) -> dict[bytes, int]:
     return ranks
 
 
+def split_runs(s: str, limit: int) -> list[str]:
+    """`s` cut so that no piece holds more than `limit` consecutive whitespace or non-whitespace characters
+    (where Kimi's tokenizer cuts: a cut inside a run, counted from the run's start)."""
+    pieces, start, run, space = [], 0, 0, s[:1].isspace()
+    for i, ch in enumerate(s):
+        if ch.isspace() != space:
+            run, space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > limit:
+                pieces.append(s[start:i])
+                start, run = i, 1
+    pieces.append(s[start:])
+    return pieces
+
+
 class TiktokenModel:
     """A tiktoken Encoding behind the `tokenizers.Tokenizer` calls dsv3.tokenizer makes."""
 
@@ -119,7 +139,11 @@ class TiktokenModel:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
         # special-token strings in the text become their ids, as Kimi's tokenizer does (allowed_special="all")
-        return SimpleNamespace(ids=self.enc.encode(text, allowed_special="all"))
+        ids: list[int] = []
+        for i in range(0, len(text), MAX_ENCODE_CHARS):
+            for piece in split_runs(text[i:i + MAX_ENCODE_CHARS], MAX_RUN_CHARS):
+                ids += self.enc.encode(piece, allowed_special="all")
+        return SimpleNamespace(ids=ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # ids past the tokenizer's vocabulary (a model's padded embedding rows) decode to nothing, as in `tokenizers`

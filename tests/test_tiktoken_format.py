@@ -171,3 +171,15 @@ def test_generate_command_reads_a_tiktoken_checkpoint(tmp_path, capsys):
     assert got["text"] == [ref.decode([i for i in want[0] if i < base])]
     tok = Tokenizer.from_dir(d)
     assert tok.decode([_ranks()[b"hello"], 300, 319]) == "hello"  # ids the model has and the tokenizer has not
+
+
+def test_long_runs_are_cut_as_kimi_cuts_them(tmp_path):
+    """Kimi's encode cuts runs of more than 25,000 (non-)whitespace characters before tiktoken sees them."""
+    tok = Tokenizer.from_dir(write_kimi_style(tmp_path))
+    ref, _ = _reference()
+    text = "hi " + "x" * 24_999 + "hello"  # a non-whitespace run of 25,004 characters
+    pieces = ["hi " + "x" * 24_999 + "h", "ello"]  # by hand: the cut comes after 25,000 characters of the run
+    assert tok.encode(text) == [i for p in pieces for i in ref.encode(p)]
+    assert _ranks()[b"hello"] not in tok.encode(text)  # the cut splits "hello": it shows in the ids
+    assert _ranks()[b"hello"] in ref.encode(text)
+    assert tok.decode(tok.encode(text)) == text

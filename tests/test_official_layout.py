@@ -139,6 +139,10 @@ def test_from_official_bad_inputs(hf_src, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (argv, err)
+    shutil.copy(off / "model0-mp4.safetensors", off / "model0-mp2.safetensors")
+    assert main(["convert", "--from-official", str(off), str(tmp_path / "e"), "--config", cfg]) == 2
+    assert "shards for several model-parallel sizes ([2, 4]); keep one set" in capsys.readouterr().err
+    (off / "model0-mp2.safetensors").unlink()
     (off / "model2-mp4.safetensors").unlink()
     assert main(["convert", "--from-official", str(off), str(tmp_path / "e"), "--config", cfg]) == 2
     assert "incomplete official-layout set for mp=4: missing model2-mp4.safetensors" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from dsv3.safetensors_io import (
     by_file,
     group_names,
     iter_tensors,  # noqa: F401 (re-exported: dsv3.checkpoint.iter_tensors in the notebooks)
+    official_layout_hint,
     scan,
     write_index,
     write_shard,
@@ -114,7 +115,8 @@ def check_directory(path) -> Path:
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{path}: directory is not readable")
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V3 checkpoint)")
+        raise CheckpointError(official_layout_hint(path)
+                              or f"{path}: no config.json (expected a Hugging Face DeepSeek-V3 checkpoint)")
     return path
 
 

@@ -31,7 +31,8 @@ _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # the ones a user or a scheduler sen
 
 
 def run(ns) -> int:
-    stats = convert(ns.src, ns.dst, ns.dtype, force=ns.force, check_weights=ns.check_weights)
+    stats = convert(ns.src, ns.dst, ns.dtype, force=ns.force, check_weights=ns.check_weights,
+                    scale_fmt=getattr(ns, "scale_fmt", None))
     print(f"wrote {ns.dst}: {stats['tensors']} tensors in {stats['shards']} shard(s), "
           f"{stats['src_bytes'] / 1e9:.3f} GB -> {stats['dst_bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s")
     return 0
@@ -137,18 +138,28 @@ def _remove_created(missing: list[Path]) -> None:
 
 # ---------------------------------------------------------------------- conversion
 def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = False,
-            progress: bool | None = None) -> dict:
-    """Write `src` to `dst` with Linear weights in `dtype` ("bf16", "fp32" or "fp8"); returns sizes and time."""
+            progress: bool | None = None, scale_fmt: str | None = None) -> dict:
+    """Write `src` to `dst` with Linear weights in `dtype` ("bf16", "fp32" or "fp8"); returns sizes and time.
+
+    scale_fmt (fp8 only): "ue8m0" quantises with power-of-two weight scales and records scale_fmt in config.json
+    (V3.1's format: its activation scales are rounded so too); default: the FP8 source's own scale_fmt."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if scale_fmt not in (None, "ue8m0") or (scale_fmt and dtype != "fp8"):
+        raise UsageError(f"--scale-fmt {scale_fmt}: only 'ue8m0', and only with --dtype fp8")
     t0 = time.perf_counter()
     src = Path(src)
     dst, missing = check_destination(src, dst, force=force)  # paths only: before torch is even imported
 
     plan = check_checkpoint(src)  # every source check before any tensor is read
+    src_fmt = plan.ckpt_args.scale_fmt if plan.ckpt_args.dtype == "fp8" else None
+    if plan.ckpt_args.dtype == "fp8" and scale_fmt and scale_fmt != src_fmt:
+        raise UsageError(f"--scale-fmt {scale_fmt}: {src} is FP8 with scale_fmt {src_fmt}, and FP8 weights are "
+                         "copied as they are; convert it to bf16 first, then to fp8 with --scale-fmt")
+    scale_fmt = (scale_fmt or src_fmt) if dtype == "fp8" else None
     shards = _plan_shards(plan, dtype)
     _check_free_space(dst, shards)
-    producer = _Producer(plan, dtype, check_weights)
+    producer = _Producer(plan, dtype, check_weights, scale_fmt)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     guard = _SignalGuard(tmp, dst)
     bar = None
@@ -160,7 +171,7 @@ def convert(src, dst, dtype: str, *, force: bool = False, check_weights: bool = 
         bar.set_description("converting")
         n_tensors, total, weight_map = _write_shards(tmp, shards, producer, bar)
         bar.close()
-        _write_side_files(src, tmp, dtype, plan.ckpt_args.block_size, total, weight_map)
+        _write_side_files(src, tmp, dtype, plan.ckpt_args.block_size, total, weight_map, scale_fmt)
         _move_into_place(tmp, dst, old, force=force, guard=guard)
     except BaseException:
         guard.pending = guard.pending or -1  # from here on a signal only waits for the cleanup to finish
@@ -227,8 +238,8 @@ def _check_free_space(dst: Path, shards) -> None:
 class _Producer:
     """Makes each planned output tensor from the memory-mapped source shards, one tensor at a time."""
 
-    def __init__(self, plan, dtype: str, check_weights: bool):
-        self.block = plan.ckpt_args.block_size
+    def __init__(self, plan, dtype: str, check_weights: bool, scale_fmt: str | None = None):
+        self.block, self.scale_fmt = plan.ckpt_args.block_size, scale_fmt
         self.floating = torch.float32 if dtype == "fp32" else torch.bfloat16
         self.check_weights = check_weights
         self.readers: dict = {}  # shard file -> ShardReader
@@ -254,7 +265,7 @@ class _Producer:
             return read(info, lambda v: weight_dequant(v, s, block, floating))
         # quant: weight (extra == 0) computed first, its scale kept for the next entry
         if extra == 0:
-            q, s = read(info, lambda v: weight_quant(v, block))
+            q, s = read(info, lambda v: weight_quant(v, block, self.scale_fmt))
             self.quant_cache[info.name] = s
             return q
         return self.quant_cache.pop(info.name)
@@ -319,7 +330,8 @@ def _write_shards(tmp: Path, shards, producer: _Producer, bar) -> tuple[int, int
     return n_tensors, total, weight_map
 
 
-def _write_side_files(src: Path, tmp: Path, dtype: str, block: int, total: int, weight_map: dict[str, str]) -> None:
+def _write_side_files(src: Path, tmp: Path, dtype: str, block: int, total: int, weight_map: dict[str, str],
+                      scale_fmt: str | None = None) -> None:
     """The index, config.json (quantization_config added or removed), the copied side files, the marker."""
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
@@ -327,6 +339,8 @@ def _write_side_files(src: Path, tmp: Path, dtype: str, block: int, total: int, 
     if dtype == "fp8":
         cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                       "weight_block_size": [block, block]}
+        if scale_fmt:
+            cfg["quantization_config"]["scale_fmt"] = scale_fmt
         cfg["torch_dtype"] = "bfloat16"
     else:
         cfg.pop("quantization_config", None)

@@ -76,12 +76,19 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     return y.flatten(-2)[..., :k].contiguous(), s
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise a 2-D weight (N, K) per block_size² block: (q float8_e4m3fn (N, K), s float32 (⌈N/bs⌉, ⌈K/bs⌉))."""
+def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D weight (N, K) per block_size² block: (q float8_e4m3fn (N, K), s float32 (⌈N/bs⌉, ⌈K/bs⌉)).
+
+    scale_fmt "ue8m0": scales rounded up to powers of two, as DeepSeek-V3.1's released weight scales are
+    (still stored float32); dequantising such a weight to bf16 is then exact."""
     n, k = w.shape
     nbn, nbk = _ceil_div(n, block_size), _ceil_div(k, block_size)
     wb = _pad_to_blocks(w.float(), block_size, (0, 1)).reshape(nbn, block_size, nbk, block_size)
     s = wb.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR) / E4M3_MAX  # (nbn, nbk)
+    if scale_fmt == "ue8m0":
+        s = round_scale_ue8m0(s)
+    elif scale_fmt is not None:
+        raise UsageError(f"weight_quant: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     q = (wb / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.reshape(nbn * block_size, nbk * block_size)[:n, :k].contiguous(), s
 

@@ -44,9 +44,11 @@ def _yarn_m(factor: float, mscale: float) -> float:
 
 def hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     mt = cfg.get("model_type")
+    if mt == "kimi_k2":
+        mt = _kimi_k2_as_v3(cfg, source)
     if mt not in (None, "deepseek_v3", "deepseek_v2"):
         raise ConfigError(f"{source}: model_type {mt!r} is not a DeepSeek-V3 family model "
-                          "(expected 'deepseek_v3' or 'deepseek_v2')")
+                          "(expected 'deepseek_v3', 'deepseek_v2' or 'kimi_k2')")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {missing}")
@@ -96,6 +98,16 @@ def hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if "n_routed_experts" not in out:  # a dense-only config
         out["n_dense_layers"] = out["n_layers"]
     return out
+
+
+def _kimi_k2_as_v3(cfg: dict[str, Any], source: str) -> str:
+    """Kimi K2 (Moonshot) ships model_type "kimi_k2" with the DeepSeek-V3 architecture class: the same
+    tensors and forward, other sizes (384 experts, no groups, vocabulary 163,840). Read as deepseek_v3."""
+    arch = cfg.get("architectures") or ["DeepseekV3ForCausalLM"]
+    if arch != ["DeepseekV3ForCausalLM"]:
+        raise ConfigError(f"{source}: model_type 'kimi_k2' with architectures {arch}; dsv3 runs Kimi K2 as "
+                          "the DeepSeek-V3 architecture (expected ['DeepseekV3ForCausalLM'])")
+    return "deepseek_v3"
 
 
 def _hf_rope(cfg: dict[str, Any], out: dict[str, Any], source: str) -> None:

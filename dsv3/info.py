@@ -1,7 +1,10 @@
 """What a config costs: parameter counts (total, activated per token, MTP) and KV-cache bytes.
 
 Counts come from the model itself, built on the meta device (free even at 671B),
-so they are the parameters dsv3 would load -- FP8 block scales excluded.
+so they are the parameters dsv3 would load -- FP8 block scales excluded. Activated parameters are
+given three ways: everything a token touches, without the input embedding (a row lookup, not a
+matmul: the convention of DeepSeek's model cards, 37B for V3, 2.4B for V2-Lite), and without
+embedding and output head.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelArgs
-from dsv3.model import Transformer
+from dsv3.layers import Linear, RMSNorm
+from dsv3.model import Block
+from dsv3.mtp import MTPModule
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -17,20 +22,35 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:
+    # one block of each kind (dense, MoE) and one MTP module, on the meta device: a 61-layer model of
+    # 384 experts is 70k modules, one block per kind a few hundred (same counts, a fraction of the time)
     with torch.device("meta"):
-        model = Transformer(args.replace(n_mtp_layers=max(args.n_mtp_layers, 1)))
-    total = _numel(model) - _numel(model.mtp) - _numel(model.rotary)
-    active = _numel(model.embed) + _numel(model.head) + _numel(model.norm)
-    for layer in model.layers:
-        active += _numel(layer) - _moe_inactive(layer.ffn, args)
-    mtp_module = model.mtp[0]
+        blocks = {kind: Block(i, args) for i, kind in _first_of_each_kind(args)}
+        mtp_module = MTPModule(Block(args.n_layers, args), args)
+        embed = _numel(torch.nn.Embedding(args.vocab_size, args.dim))
+        head = _numel(Linear(args.dim, args.vocab_size))
+        norm = _numel(RMSNorm(args.dim))
+    total = active = embed + head + norm
+    for i in range(args.n_layers):
+        blk = blocks[args.is_moe_layer(i)]
+        total += _numel(blk)
+        active += _numel(blk) - _moe_inactive(blk.ffn, args)
     return {
         "total_params": total,
         "active_params": active,
+        # the model cards' convention: V3 "37B activated" is 36.63B here, V2-Lite "2.4B" is 2.45B (docs/family.md)
+        "active_params_without_embedding": active - embed,
+        "active_params_without_embedding_and_head": active - embed - head,
         "mtp_params": _numel(mtp_module) * args.n_mtp_layers,
         "mtp_params_per_module": _numel(mtp_module),
-        "embedding_params": _numel(model.embed),
+        "embedding_params": embed,
     }
+
+
+def _first_of_each_kind(args: ModelArgs) -> list[tuple[int, bool]]:
+    """(layer id, is MoE) of the first dense and the first MoE layer the model has."""
+    ids = {args.is_moe_layer(i): i for i in reversed(range(args.n_layers))}
+    return [(i, kind) for kind, i in ids.items()]
 
 
 def _moe_inactive(ffn: torch.nn.Module, args: ModelArgs) -> int:

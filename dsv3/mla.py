@@ -91,10 +91,12 @@ class MLA(nn.Module):
             self.wq = Linear(args.dim, h * qk, **linear_kw)
         else:
             self.wq_a = Linear(args.dim, self.q_lora_rank, **linear_kw)
-            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
+            self.q_norm = RMSNorm(self.q_lora_rank)  # eps 1e-6 always, as kv_norm below
             self.wq_b = Linear(self.q_lora_rank, h * qk, **linear_kw)
         self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope_dim, **linear_kw)
-        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        # the latent norms keep RMSNorm's default eps (1e-6) whatever rms_norm_eps says: transformers'
+        # DeepseekV3Attention and the official inference/model.py build them so (Moonlight: 1e-5 elsewhere)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
         self.wkv_b = Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), **linear_kw)
         self.wo = Linear(h * self.v_dim, args.dim, **linear_kw)
         self._absorb_cache: tuple[tuple, torch.Tensor] | None = None

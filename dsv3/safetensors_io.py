@@ -151,6 +151,40 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
         json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
+# ---------------------------------------------------------------------- the official repository's layout
+OFFICIAL_SHARD = re.compile(r"model(\d+)-mp(\d+)\.safetensors")  # deepseek-ai/DeepSeek-V3 inference/convert.py
+
+
+def official_shards(path: Path) -> dict[int, Path]:
+    """rank -> file of the `model{i}-mp{n}.safetensors` files in `path` (empty: not that layout)."""
+    found = {}
+    for f in sorted(Path(path).glob("model*-mp*.safetensors")):
+        m = OFFICIAL_SHARD.fullmatch(f.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = f
+    mps = sorted({mp for _, mp in found})
+    if len(mps) > 1:
+        raise CheckpointError(f"{path}: official-layout shards for several model-parallel sizes ({mps}); keep one set")
+    if not mps:
+        return {}
+    mp = mps[0]
+    missing = [f"model{i}-mp{mp}.safetensors" for i in range(mp) if (i, mp) not in found]
+    if missing or any(i >= mp for i, _ in found):
+        raise CheckpointError(f"{path}: incomplete official-layout set for mp={mp}: missing {group_names(missing)}")
+    return {i: f for (i, _), f in sorted(found.items())}
+
+
+def official_layout_hint(path: Path) -> str | None:
+    """The sentence telling a user that `path` is the official inference layout, or None."""
+    files = sorted(Path(path).glob("model*-mp*.safetensors"))
+    m = next((OFFICIAL_SHARD.fullmatch(f.name) for f in files if OFFICIAL_SHARD.fullmatch(f.name)), None)
+    if m is None:
+        return None
+    return (f"{path} holds {m.group(0)}: the official DeepSeek-V3 inference layout (inference/convert.py: official "
+            f"tensor names, split for {m.group(2)} model-parallel ranks), not a Hugging Face checkpoint; convert it "
+            f"back with: dsv3 convert --from-official {path} DST --config CONFIG")
+
+
 # ---------------------------------------------------------------------- a checkpoint directory's tensors
 def weight_map(path: Path) -> dict[str, str]:
     """HF tensor name -> shard file name, from the index or the single model.safetensors."""
@@ -170,7 +204,7 @@ def weight_map(path: Path) -> dict[str, str]:
     single = path / "model.safetensors"
     if single.is_file():
         return {k: single.name for k in read_header(single)}
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(official_layout_hint(path) or f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
 def scan(path: Path) -> dict[str, TensorInfo]:

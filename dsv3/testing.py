@@ -105,7 +105,7 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
             if ours in ("embed.weight", "head.weight"):
                 shared[ours] = t
             if fp8 and is_quantized_in_release(hf):
-                q, s = weight_quant(t, args.block_size)
+                q, s = weight_quant(t, args.block_size, args.scale_fmt)  # V3.1: power-of-two scales
                 tensors[hf], tensors[hf + "_scale_inv"] = q, s
             else:
                 tensors[hf] = t if ours.endswith("gate.bias") else t.to(float_dtype)

@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from dsv3.errors import CheckpointError, UsageError
+from dsv3.tiktoken_format import is_tiktoken_dir, load_tiktoken_dir
 
 # The chat template of deepseek-ai/DeepSeek-V3 (tokenizer_config.json on the Hugging Face Hub,
 # December 2024 release), character for character: its odd indentation is part of the
@@ -77,17 +78,22 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> Tokenizer:
-        """Read tokenizer.json (+ tokenizer_config.json, generation_config.json, config.json) from `path`."""
+        """Read tokenizer.json, or tiktoken.model (`dsv3.tiktoken_format`), + tokenizer_config.json,
+        generation_config.json, config.json from `path`."""
 
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(f"{path}: no tokenizer.json (give token ids with --prompt-ids instead)")
-        try:
-            tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises plain Exception subclasses
-            raise CheckpointError(f"{file}: not a readable tokenizers file ({str(e).splitlines()[0]})") from None
         cfg = _read_optional(path / "tokenizer_config.json")
+        if not file.is_file() and is_tiktoken_dir(path):  # Kimi K2 / Moonlight: tiktoken.model
+            tok = load_tiktoken_dir(path, cfg)
+        elif not file.is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json nor tiktoken.model (give token ids with "
+                                  "--prompt-ids instead)")
+        else:
+            try:
+                tok = HFTokenizer.from_file(str(file))
+            except Exception as e:  # tokenizers raises plain Exception subclasses
+                raise CheckpointError(f"{file}: not a readable tokenizers file ({str(e).splitlines()[0]})") from None
         gen = _read_optional(path / "generation_config.json")
         model_cfg = _read_optional(path / "config.json")
         special = {k: _content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "dsv3" / "assets" / "dsv3-tiny"
-EXTRAS = ("transformers", "matplotlib", "jupyterlab", "nbval", "pytest", "triton")
+EXTRAS = ("transformers", "matplotlib", "jupyterlab", "nbval", "pytest", "triton", "tiktoken")
 pytestmark = pytest.mark.slow
 
 

@@ -64,7 +64,7 @@ def load(ns):
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
     model = load_model(path, dtype=dtype, device=device, group=group, check_weights=ns.check_weights, **overrides)
     tok = None
-    if (path / "tokenizer.json").is_file():
+    if (path / "tokenizer.json").is_file() or (path / "tiktoken.model").is_file():  # tiktoken: Kimi K2
         tok = Tokenizer.from_dir(path)
     eos = tok.eos_id if tok is not None else config_eos(path)
     return model, tok, eos

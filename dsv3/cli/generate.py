@@ -61,7 +61,8 @@ def check_generate_args(ns, lead: bool = True):
         check_output_path(ns.output, "--output")  # before the work: a long run must not fail at its last line
     prompts = read_prompts(ns)
     if any(t is not None for t, _ in prompts) and not ns.preset and ns.ckpt:
-        if not (Path(ns.ckpt) / "tokenizer.json").is_file() and (Path(ns.ckpt) / "config.json").is_file():
+        has_tok = any((Path(ns.ckpt) / f).is_file() for f in ("tokenizer.json", "tiktoken.model"))
+        if not has_tok and (Path(ns.ckpt) / "config.json").is_file():
             raise UsageError(f"{ns.ckpt} has no tokenizer.json: give token ids with --prompt-ids 5,17,300")
     return prompts
 

@@ -24,6 +24,9 @@ def run(ns) -> int:
     print(f"config                          {ns.config}")
     print(f"total parameters (main model)   {out['total_params']:>20,}")
     print(f"activated per token             {out['active_params']:>20,}  (incl. embedding and head)")
+    print(f"  without the embedding         {out['active_params_without_embedding']:>20,}  "
+          "(the model cards' convention: V3 37B, V2-Lite 2.4B)")
+    print(f"  without embedding and head    {out['active_params_without_embedding_and_head']:>20,}")
     print(f"MTP modules ({args.n_mtp_layers})                 {out['mtp_params']:>20,}  (unique parameters)")
     print(f"KV cache per token, absorbed    {out['kv_cache_bytes_per_token']:>20,} B  (bf16)")
     print(f"KV cache per token, naive       {out['kv_cache_bytes_per_token_naive']:>20,} B  (bf16)")

@@ -56,8 +56,11 @@ def build_app(served: Served) -> FastAPI:
         q = await admit(served, req)
         if s["stream"]:
             return StreamingResponse(stream_completion(served, req, q, model, s), media_type="text/event-stream")
-        text, n, reason = await collect(served, req, q, s["stop"])
+        ids: list[int] = []
+        text, n, reason = await collect(served, req, q, s["stop"], ids)
         choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        if api.field(body, "return_token_ids", (bool,), False):  # an extension (vLLM's name): the ids generated
+            choice["token_ids"] = ids
         return api.envelope("text_completion", req.id, model, [choice], api.usage(len(prompt), n))
 
     @app.post("/v1/chat/completions")

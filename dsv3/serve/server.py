@@ -10,6 +10,7 @@ other ranks. A fatal engine failure (a rank lost, a bug) stops uvicorn and is ra
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -89,7 +90,8 @@ def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host:
     where = sock.getsockname()
     st = engine.stats()
     print(f"dsv3 serve: {model_name} on http://{where[0]}:{where[1]} ({st['blocks_total']} cache blocks of "
-          f"{cfg.block_size} tokens, batch <= {cfg.max_batch}, context {engine.max_seq_len})", file=sys.stderr, flush=True)
+          f"{cfg.block_size} tokens, batch <= {cfg.max_batch}, context {engine.max_seq_len}; pid {os.getpid()})",
+          file=sys.stderr, flush=True)
     worker.start()
     try:
         with drained_signals_end_quietly():

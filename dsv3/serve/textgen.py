@@ -94,13 +94,16 @@ def engine_request(served: Served, rid: str, prompt: list[int], s: dict) -> Engi
     return EngineRequest(rid, prompt, params)
 
 
-async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str]):
-    """(text delta, tokens so far, finish_reason or None) as tokens arrive; stop strings end the request."""
+async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str], ids: list | None = None):
+    """(text delta, tokens so far, finish_reason or None) as tokens arrive; stop strings end the request.
+    `ids`, if given, receives the token ids."""
     text, n = TextOut(served.tokenizer, stops), 0
     gen = outputs(served, req, q)
     try:
         async for o in gen:
             n += o.token_id is not None  # an end-of-sequence token counts as generated, but is not text
+            if ids is not None and o.token_id is not None:
+                ids.append(o.token_id)
             delta = text.push(o.token_id if o.token_id not in req.params.stop_ids else None, final=o.finished)
             if text.stopped:
                 yield delta, n, "stop"
@@ -114,9 +117,10 @@ async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, st
         await gen.aclose()
 
 
-async def collect(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str]) -> tuple[str, int, str | None]:
-    """The whole reply: (text, tokens generated, finish_reason)."""
+async def collect(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str],
+                  ids: list | None = None) -> tuple[str, int, str | None]:
+    """The whole reply: (text, tokens generated, finish_reason); `ids` receives the token ids."""
     text, n, reason = "", 0, None
-    async for delta, n, reason in generate_text(served, req, q, stops):  # noqa: B007 - the last count and reason
+    async for delta, n, reason in generate_text(served, req, q, stops, ids):  # noqa: B007 - the last count and reason
         text += delta
     return text, n, reason

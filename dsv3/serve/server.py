@@ -20,7 +20,7 @@ import time
 import uvicorn
 
 from dsv3 import distributed
-from dsv3.errors import DistributedError, Dsv3Error, UsageError
+from dsv3.errors import Dsv3Error, UsageError
 from dsv3.memory import check_fits
 from dsv3.serve.app import build_app
 from dsv3.serve.cache import block_bytes
@@ -100,10 +100,9 @@ def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host:
         worker.stop()
         sock.close()
     if worker.error is not None:
-        e = worker.error
-        if isinstance(e, Dsv3Error):
-            raise e
-        raise DistributedError(f"the engine failed: {type(e).__name__}: {e}") if group is not None else e
+        # a Dsv3Error prints as one line; a failed collective lets dsv3.distributed.run_distributed name the
+        # rank that is gone; anything else is a bug and keeps its traceback
+        raise worker.error
 
 
 class BackgroundServer:

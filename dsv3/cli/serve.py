@@ -11,6 +11,7 @@ every rank steps the same batch. SIGTERM or Ctrl-C drains the requests in flight
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from dsv3.cli.args import add_model_args
@@ -46,6 +47,7 @@ def run(ns) -> int:
 
 def main_serve(ns) -> int:
     from dsv3 import distributed
+    from dsv3.checkpoint import default_checkpoint
     from dsv3.cli.common import load
     from dsv3.serve.engine import EngineConfig
     from dsv3.serve.server import run_server
@@ -55,5 +57,8 @@ def main_serve(ns) -> int:
     name = ns.served_model_name or (Path(ns.ckpt).resolve().name if ns.ckpt else ns.preset or "dsv3-tiny")
     cfg = EngineConfig(cache_gb=ns.cache_gb, block_size=ns.block_size, max_batch=ns.max_batch,
                        max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, max_queue=ns.max_queue)
-    run_server(model, tok, eos, cfg, host=ns.host, port=ns.port, model_name=name, group=distributed.current_group())
+    path = Path(ns.ckpt) if ns.ckpt else None if ns.preset else default_checkpoint()
+    config = json.loads((path / "config.json").read_text()) if path is not None else None
+    run_server(model, tok, eos, cfg, host=ns.host, port=ns.port, model_name=name, group=distributed.current_group(),
+               config=config)
     return 0

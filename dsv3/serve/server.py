@@ -20,11 +20,11 @@ import time
 import uvicorn
 
 from dsv3 import distributed
+from dsv3.chat_format import chat_format_for
 from dsv3.errors import Dsv3Error, UsageError
 from dsv3.memory import check_fits
 from dsv3.serve.app import build_app
 from dsv3.serve.cache import block_bytes
-from dsv3.serve.chat import chat_format_for
 from dsv3.serve.engine import Engine, EngineConfig
 from dsv3.serve.textgen import Served
 from dsv3.serve.worker import EngineWorker
@@ -70,7 +70,9 @@ def drained_signals_end_quietly():
 
 
 def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host: str, port: int,
-               model_name: str, group=None) -> None:
+               model_name: str, group=None, config: dict | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (rank 0), or follow rank 0 (the other ranks). `config`: the checkpoint's
+    config.json contents, which name a family whose chat format is not in its template (V3.2)."""
     engine = Engine(model, sized_config(model, cfg), group)
     if distributed.rank_of(group) != 0:
         engine.follow()
@@ -83,7 +85,7 @@ def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host:
             server.should_exit = True
 
     worker = EngineWorker(engine, on_fatal=fatal)
-    fmt = chat_format_for(tokenizer) if tokenizer is not None else None
+    fmt = chat_format_for(tokenizer, config) if tokenizer is not None else None
     served = Served(worker, tokenizer, fmt, model_name, eos_id, engine.max_seq_len)
     config = uvicorn.Config(build_app(served), log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)

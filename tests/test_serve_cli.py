@@ -91,7 +91,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_ranks_serve_the_single_process_answers(tmp_path):
+def test_torchrun_two_ranks_serve_the_single_process_answers_and_a_lost_rank_ends_it(tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "dist")
     prompts = [[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 128], [9]]
     model = load_model(ckpt, dtype=torch.float32)
@@ -109,9 +109,28 @@ def test_torchrun_two_ranks_serve_the_single_process_answers(tmp_path):
         time.sleep(1.5)  # idle past a heartbeat: the other rank waits in a collective meanwhile, and stays
         sampled = dict(temperature=0.9, top_p=0.9, seed=3)
         assert ask(prompts[0], **sampled) == generate(model, [prompts[0]], 8, **sampled)[0]
-        os.kill(pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        # a rank lost: the server ends with one line naming it, within the collective timeout, nothing hangs
+        (other,) = [c for c in children(proc.pid) if c != pid]
+        os.kill(other, signal.SIGKILL)
+        assert proc.wait(timeout=90) != 0
+        err = [ln for ln in proc.stderr.read().splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("dsv3 serve: ") and "rank 1" in err[0], err
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (torchrun's workers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

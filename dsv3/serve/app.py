@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from dsv3.errors import Dsv3Error
 from dsv3.serve import protocol as api
-from dsv3.serve.textgen import Served, admit, collect, engine_request, generate_text
+from dsv3.serve.textgen import Served, admit, collect, engine_request, generate_text, unless_client_leaves
 
 DONE = "data: [DONE]\n\n"
 
@@ -58,7 +58,7 @@ def build_app(served: Served) -> FastAPI:
         if s["stream"]:
             return StreamingResponse(stream_completion(served, req, q, model, s), media_type="text/event-stream")
         ids: list[int] = []
-        text, n, reason = await collect(served, req, q, s["stop"], ids)
+        text, n, reason = await unless_client_leaves(request, collect(served, req, q, s["stop"], ids))
         choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
         if api.field(body, "return_token_ids", (bool,), False):  # an extension (vLLM's name): the ids generated
             choice["token_ids"] = ids
@@ -83,7 +83,7 @@ def build_app(served: Served) -> FastAPI:
         q = await admit(served, req)
         if s["stream"]:
             return StreamingResponse(stream_chat(served, req, q, model, s, stops, turn), media_type="text/event-stream")
-        text, n, reason = await collect(served, req, q, stops, keep_special=True)
+        text, n, reason = await unless_client_leaves(request, collect(served, req, q, stops, keep_special=True))
         reply = served.chat_format.parse(text, **turn)
         message = {"role": "assistant", "content": reply.content}
         if reply.reasoning_content is not None:

@@ -10,6 +10,7 @@ consumer that stops early (a client gone) aborts the request, which frees its ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from dsv3.errors import Dsv3Error, Overloaded
@@ -126,3 +127,18 @@ async def collect(served: Served, req: EngineRequest, q: asyncio.Queue, stops: l
     async for delta, n, reason in generate_text(served, req, q, stops, ids, keep_special):  # noqa: B007 - the last count and reason
         text += delta
     return text, n, reason
+
+
+async def unless_client_leaves(request, coro, poll_s: float = 0.1):
+    """`await coro`, cancelled (its request aborted, its blocks freed) if the client disconnects meanwhile:
+    a whole (non-streamed) reply has no write that would fail, so the connection is watched instead."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise api.ApiError("the client disconnected", status=499, code="client_closed_request")

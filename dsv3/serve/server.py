@@ -69,15 +69,27 @@ def drained_signals_end_quietly():
             signal.signal(sig, handler)
 
 
-def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host: str, port: int,
+def bind_on_rank0(host: str, port: int, group) -> socket.socket | None:
+    """Rank 0's listening socket, bound before the model loads (a taken port fails in a second, not after the
+    load); every rank learns of a failure, so none goes on to wait for the others."""
+    lead = distributed.rank_of(group) == 0
+    return distributed.checked_on_every_rank(lambda: bind(host, port) if lead else None, group)
+
+
+def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, sock: socket.socket | None,
                model_name: str, group=None, config: dict | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (rank 0), or follow rank 0 (the other ranks). `config`: the checkpoint's
-    config.json contents, which name a family whose chat format is not in its template (V3.2)."""
-    engine = Engine(model, sized_config(model, cfg), group)
-    if distributed.rank_of(group) != 0:
+    """Serve on `sock` (rank 0's, from `bind_on_rank0`) until SIGINT/SIGTERM, or follow rank 0 (the other
+    ranks). `config`: the checkpoint's config.json, naming a family whose chat format is not in its template."""
+    lead = distributed.rank_of(group) == 0
+    try:  # a cache too big for a rank is agreed on: none is left waiting in `follow` for a rank 0 that gave up
+        engine = distributed.checked_on_every_rank(lambda: Engine(model, sized_config(model, cfg), group), group)
+    except Dsv3Error:
+        if sock is not None:
+            sock.close()
+        raise
+    if not lead:
         engine.follow()
         return
-    sock = bind(host, port)
     server: uvicorn.Server | None = None
 
     def fatal(e: BaseException) -> None:

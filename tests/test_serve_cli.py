@@ -74,7 +74,7 @@ def stream_tokens(url: str, prompt: list[int], n: int, after_first=None) -> list
 @pytest.mark.slow
 def test_sigterm_drains_the_request_in_flight_then_exits_0():
     proc, url, pid = start([sys.executable, "-m", "dsv3.cli", "serve", "--preset", "tiny", "--port", "0",
-                            "--cache-gb", "0.01"])
+                            "--cache-gb", "0.01", "--prefix-sharing"])
     try:
         events = stream_tokens(url, [5, 6, 7], 200, after_first=lambda: os.kill(pid, signal.SIGTERM))
         assert events[-1] == "data: [DONE]"

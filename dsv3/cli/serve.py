@@ -34,6 +34,8 @@ def add_args(p) -> None:
     p.add_argument("--prefill-chunk", type=positive, default=256, help="prompt tokens prefilled per step at most")
     p.add_argument("--max-queue", type=integer(1, 1_000_000), default=256,
                    help="requests waiting for admission before new ones get 429")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="identical prompt heads share their full cache blocks (their prefill is skipped)")
 
 
 def run(ns) -> int:
@@ -58,7 +60,8 @@ def main_serve(ns) -> int:
     model, tok, eos = load(ns)
     name = ns.served_model_name or (Path(ns.ckpt).resolve().name if ns.ckpt else ns.preset or "dsv3-tiny")
     cfg = EngineConfig(cache_gb=ns.cache_gb, block_size=ns.block_size, max_batch=ns.max_batch,
-                       max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, max_queue=ns.max_queue)
+                       max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, max_queue=ns.max_queue,
+                       prefix_sharing=ns.prefix_sharing)
     path = Path(ns.ckpt) if ns.ckpt else None if ns.preset else default_checkpoint()
     config = json.loads((path / "config.json").read_text()) if path is not None else None
     run_server(model, tok, eos, cfg, sock=sock, model_name=name, group=group, config=config)

@@ -5,7 +5,8 @@ full: Overloaded). Each `Engine.step`:
 
 1. admits waiting requests, oldest first, while the batch has room (`max_batch`) and the paged cache can
    still promise every block the request could ever need (prompt + max_tokens): admitted requests never run
-   out of cache, so nothing is ever preempted;
+   out of cache, so nothing is ever preempted (with `prefix_sharing`, blocks already holding the prompt's
+   head are taken as they are and their prefill skipped);
 2. builds the batch: one token for every sequence that is decoding, then prompt chunks of the sequences still
    prefilling, at most `prefill_chunk` prompt tokens in all, so a long prompt is spread over several steps
    and never stalls the running decodes;

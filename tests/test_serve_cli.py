@@ -6,6 +6,7 @@ The subprocess tests start a real server (`--port 0`: it prints the port it got)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -49,14 +50,24 @@ def test_flags_are_range_checked_at_parse_time(capsys, argv, words):
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen, str, int]:
     """Launch a server; (process, base url, pid of the process that serves HTTP) once it listens."""
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its own session: `stop` can end the launcher's workers too, whatever state the test left them in
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if m := BANNER.search(line):
             return proc, m.group(1), int(m.group(2))
-    proc.wait(timeout=30)
+    stop(proc)
     raise AssertionError(f"the server did not start (exit {proc.returncode}):\n{''.join(seen)[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill whatever is left of the server's process group (the launcher and every rank), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
 
 
 def stream_tokens(url: str, prompt: list[int], n: int, after_first=None) -> list[str]:
@@ -84,9 +95,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0():
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+        stop(proc)
 
 
 @pytest.mark.slow
@@ -118,9 +127,7 @@ def test_torchrun_two_ranks_serve_the_single_process_answers_and_a_lost_rank_end
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+        stop(proc)
 
 
 def children(pid: int) -> list[int]:

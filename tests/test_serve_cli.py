@@ -131,15 +131,15 @@ def test_torchrun_two_ranks_serve_the_single_process_answers_and_a_lost_rank_end
 
 
 def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (torchrun's workers)."""
+    """The pids of the dsv3 processes whose parent is `pid` (torchrun's workers, not its helpers)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            ours = int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+            if ours and b"dsv3.cli" in (stat.parent / "cmdline").read_bytes():
+                out.append(int(stat.parent.name))
         except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+            continue  # gone meanwhile
     return out
 
 

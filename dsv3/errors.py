@@ -25,6 +25,10 @@ class ResourceError(Dsv3Error):
     """A model or cache would not fit in the memory the device has free (checked before allocating)."""
 
 
+class Overloaded(Dsv3Error):
+    """The server's queue is full (HTTP 429): nothing is wrong with the request, retry it later."""
+
+
 class NumericalError(Dsv3Error):
     """The model produced NaN/Inf (non-finite weights, or an overflow): stop rather than emit garbage tokens."""
 

@@ -1,0 +1,148 @@
+"""The paged latent cache: fixed-size blocks of latent + rotary-key rows, and the block manager that owns them.
+
+MLA's absorbed path caches, per token and layer, only the normalised latent c (`kv_lora_rank` wide) and the
+rotated shared key k_pe (`qk_rope_head_dim` wide). Here they live in one pool per layer, reserved once:
+`kv` (N·B, c) and `pe` (N·B, r) for N blocks of B token rows. A sequence owns a block table (block ids in
+order); its position p lives in row `table[p // B] * B + p % B` of every layer's pool (`slots`). Blocks are
+handed out as a sequence grows and come back when it finishes or is aborted; `reserve` lets the scheduler
+admit a request only while the blocks it could ever need are still unpromised, so a running sequence never
+runs out (no preemption).
+
+Prefix sharing: a full block is named by the hash of its tokens and of the blocks before it (`chain_hashes`),
+so identical prompt heads map to the same names. A later sequence whose prompt starts with registered blocks
+takes them as they are (reference-counted, never written again: a sequence only writes past what it shares)
+and skips their prefill. A block no sequence holds any more keeps its contents and name as long as it can:
+it counts as free, and is evicted (least recently released first) only when no never-named block is left.
+
+Axes: c kv latent, r rope dim; N blocks, B rows per block (the legend's letters where they exist).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+
+from dsv3.errors import ResourceError, UsageError
+
+
+def block_bytes(model, block_size: int, dtype: torch.dtype | None = None) -> int:
+    """Bytes one block takes across every layer: B rows of (c + r) values per layer."""
+    args = model.args
+    elem = torch.empty(0, dtype=dtype or model.dtype).element_size()
+    return len(model.layers) * block_size * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
+
+
+def blocks_for(model, cache_gb: float, block_size: int, dtype: torch.dtype | None = None) -> int:
+    """How many blocks `cache_gb` GiB holds (at least one, else ResourceError naming --cache-gb)."""
+    per = block_bytes(model, block_size, dtype)
+    n = int(cache_gb * 2**30 // per)
+    if n < 1:
+        raise ResourceError(f"--cache-gb {cache_gb:g} holds no block: one block of {block_size} tokens takes "
+                            f"{per} bytes ({cache_gb * 2**30:.0f} bytes given)")
+    return n
+
+
+class PagedCache:
+    """Every layer's pools (`kv[i]` (N·B, c), `pe[i]` (N·B, r)) and the free list of block ids."""
+
+    def __init__(self, model, n_blocks: int, block_size: int, dtype: torch.dtype | None = None):
+        if n_blocks < 1 or block_size < 1:
+            raise UsageError(f"a paged cache needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
+        args, dtype = model.args, dtype or model.dtype
+        rows = n_blocks * block_size
+        self.block_size, self.n_blocks = block_size, n_blocks
+        self.kv = [torch.zeros(rows, args.kv_lora_rank, dtype=dtype, device=model.device) for _ in model.layers]
+        self.pe = [torch.zeros(rows, args.qk_rope_head_dim, dtype=dtype, device=model.device) for _ in model.layers]
+        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: the lowest id is handed out first
+        self.reserved = 0  # blocks promised to admitted sequences but not handed out yet
+        self.refs = [0] * n_blocks  # sequences holding each block
+        self.name_of: dict[int, int] = {}  # block -> its prefix hash (full blocks registered for sharing)
+        self.by_name: dict[int, int] = {}  # prefix hash -> block
+        self.idle: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds: free, contents kept
+
+    # ------------------------------------------------------------------ accounting
+    def blocks_needed(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    @property
+    def n_free(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    @property
+    def used(self) -> int:
+        return self.n_blocks - self.n_free
+
+    def can_reserve(self, n_blocks: int) -> bool:
+        return self.n_free - self.reserved >= n_blocks
+
+    def reserve(self, n_blocks: int) -> None:
+        if not self.can_reserve(n_blocks):
+            raise ResourceError(f"cannot reserve {n_blocks} blocks: {self.n_free - self.reserved} unpromised")
+        self.reserved += n_blocks
+
+    # ------------------------------------------------------------------ prefix sharing
+    def chain_hashes(self, tokens: list[int], n_blocks: int, parent: int | None = None) -> list[int]:
+        """The names of the first n_blocks full blocks of `tokens` (each hashes its tokens and the name before)."""
+        out, b = [], self.block_size
+        for i in range(n_blocks):
+            parent = hash((parent, tuple(tokens[i * b: (i + 1) * b])))
+            out.append(parent)
+        return out
+
+    def shared_prefix(self, prompt: list[int]) -> list[int]:
+        """Registered blocks spelling the head of `prompt` (the last prompt token is always left to compute)."""
+        blocks = []
+        for h in self.chain_hashes(prompt, (len(prompt) - 1) // self.block_size):
+            if h not in self.by_name:
+                break
+            blocks.append(self.by_name[h])
+        return blocks
+
+    def adopt(self, blocks: list[int]) -> None:
+        """Hold shared blocks (an idle one stops being free)."""
+        for blk in blocks:
+            self.idle.pop(blk, None)
+            self.refs[blk] += 1
+
+    def register(self, block: int, name: int) -> None:
+        """Name a full, finished block so later prompts with the same head can share it."""
+        if name not in self.by_name and block not in self.name_of:
+            self.by_name[name], self.name_of[block] = block, name
+
+    # ------------------------------------------------------------------ block tables
+    def grow(self, table: list[int], n_tokens: int) -> None:
+        """Append blocks to `table` (taken from this sequence's reservation) until it holds n_tokens rows."""
+        while len(table) * self.block_size < n_tokens:
+            if self.free:
+                blk = self.free.pop()
+            elif self.idle:  # the least recently released named block: its name goes
+                blk, _ = self.idle.popitem(last=False)
+                del self.by_name[self.name_of.pop(blk)]
+            else:
+                raise ResourceError("paged cache exhausted (a reservation was not honoured)")
+            self.refs[blk] = 1
+            table.append(blk)
+            self.reserved -= 1
+
+    def release(self, table: list[int], unused_reservation: int = 0) -> None:
+        """Give a finished or aborted sequence's blocks (and what it had promised but not taken) back."""
+        for blk in reversed(table):
+            self.refs[blk] -= 1
+            if self.refs[blk] == 0:
+                if blk in self.name_of:
+                    self.idle[blk] = None
+                else:
+                    self.free.append(blk)
+        self.reserved -= unused_reservation
+        table.clear()
+
+    def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Pool rows of positions [start, end) of the sequence with this block table, (end - start,) long."""
+        pos = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(self.kv[0].device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)

@@ -47,7 +47,7 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     """x times the orthonormal Walsh-Hadamard matrix (Sylvester order) over the last axis, a power of two long:
     what the demo's `fast_hadamard_transform.hadamard_transform(x, scale=n**-0.5)` computes."""
     n = x.shape[-1]
-    y = x.float()
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
     half = 1
     while half < n:  # butterflies: pairs of indices that differ in the bit `half`
         y = y.unflatten(-1, (n // (2 * half), 2, half))

@@ -196,3 +196,19 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="index_topk"):
         ModelArgs.tiny("tiny", index_n_heads=4, index_topk=0)
     assert ModelArgs.tiny("tiny", index_topk=0).index_n_heads == 0  # no indexer: its fields are not read
+
+
+@pytest.mark.parametrize("index_impl", ["gather", "mask"])
+def test_static_decode_step_equals_readable_path(make_model, index_impl):
+    """dsv3.decode_step's fixed-shape step (top-k over every cache slot, later slots never chosen) == model()."""
+    from dsv3.decode_step import DecodeRunner
+
+    model = make_model(ARGS.replace(index_impl=index_impl), seed=1)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16)
+        ref = [model(tokens[:, :4], 0, cache)[:, -1]] + [model(tokens[:, p:p + 1], p, cache)[:, -1] for p in range(4, 16)]
+        runner = DecodeRunner(model, 2, 24, "static")  # more slots than tokens: the extra ones stay unchosen
+        out = [runner(tokens[:, :4], 0)[:, -1]] + [runner(tokens[:, p:p + 1], p)[:, -1] for p in range(4, 16)]
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)

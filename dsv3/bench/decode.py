@@ -30,13 +30,21 @@ BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3
 
 
 # ---------------------------------------------------------------------- checkpoint
-def ensure_checkpoint(preset: str, dtype: str) -> Path:
-    """A random checkpoint of `preset` in the HF layout, written once and reused."""
+# `--sparse K`: the preset plus a V3.2 lightning indexer. Its per-key cost (heads x width = 256 multiply-adds) is
+# ~1/9 of the bench preset's absorbed MLA per key (8 heads x (2 x 128 + 32)), near V3.2's 1/17 (64 x 128 vs
+# 128 x (2 x 512 + 64)) -- so the sparse/dense ratio measured on the small model is not flattered.
+BENCH_INDEXER = dict(index_n_heads=4, index_head_dim=64)
 
-    path = BENCH_DIR / f"{preset}-{dtype}"
+
+def ensure_checkpoint(preset: str, dtype: str, index_topk: int = 0) -> Path:
+    """A random checkpoint of `preset` in the HF layout (with index_topk, + BENCH_INDEXER), written once and reused."""
+
+    path = BENCH_DIR / (f"{preset}-v32-top{index_topk}-{dtype}" if index_topk else f"{preset}-{dtype}")
     if (path / "config.json").is_file():
         return path
     args = ModelArgs.preset(preset)
+    if index_topk:
+        args = args.replace(**BENCH_INDEXER, index_topk=index_topk)
     torch.manual_seed(0)
     model = Transformer(args, dtype=getattr(torch, dtype))
     with torch.no_grad():  # a non-zero correction bias, so routing depends on it as in the release
@@ -222,6 +230,8 @@ def run(ns) -> int:
     attn = [a for a in ns.attn.split(",") if a]
     if not attn or any(a not in ("absorb", "naive") for a in attn):
         raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
+    if ns.sparse and ns.ckpt:
+        raise UsageError("--sparse times the preset with and without an indexer: give --preset, not --ckpt")
     if ns.plot:
         check_output_path(ns.plot, "--plot")
     ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
@@ -238,8 +248,14 @@ def run(ns) -> int:
         modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
             "compile+cuda-graph" if ns.compile else "cuda-graph"
     impls += list(modes)
+    ckpts = dict.fromkeys(impls, ckpt)
+    if ns.sparse:  # V3.2's sparse attention beside the dense rows (the preset without an indexer)
+        sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
+        ckpts |= dict.fromkeys(sparse, ensure_checkpoint(ns.preset, ns.dtype, ns.sparse))
+        impls += sparse
     if ns.compare:
         impls.append("transformers")
+        ckpts["transformers"] = ckpt
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
@@ -248,8 +264,8 @@ def run(ns) -> int:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
-                    spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch, device=ns.device,
-                                prompt=prompt, new=ns.new, vocab=args.vocab_size,
+                    spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=batch,
+                                device=ns.device, prompt=prompt, new=ns.new, vocab=args.vocab_size,
                                 mode=modes.get(impl, "readable"))
                     cell[impl].append(_spawn(spec))
             floor_s = floor_bytes(args, batch, bpp) / bw
@@ -268,7 +284,8 @@ def run(ns) -> int:
     if ns.contexts:
         ctx = list(ns.contexts)
         for impl in impls:
-            spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
+            spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx),
+                        device=ns.device,
                         new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
             curves[impl] = _spawn(spec)["curve"]
     floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in ns.batch}

@@ -160,10 +160,16 @@ class Indexer(nn.Module):
         return q, fp8_dequant(kq, ks, bs)
 
     @staticmethod
-    def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """I(s, t) = sum_h w_h(s) ReLU(q_h(s) . k(t)) in float32: q (b s h i), w (b s h), keys (b t i) -> (b, s, t)."""
-        logits = torch.einsum("bshi,bti->bsht", q.float(), keys.float())
-        return torch.einsum("bsht,bsh->bst", F.relu(logits), w)
+    def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, max_logits: int = 2**26) -> torch.Tensor:
+        """I(s, t) = sum_h w_h(s) ReLU(q_h(s) . k(t)) in float32: q (b s h i), w (b s h), keys (b t i) -> (b, s, t).
+
+        Queries go in chunks so that the per-head logits (b, s, h, t) stay under `max_logits` values (2^26: 256 MB):
+        a 4096-token prefill of V3.2 (64 heads) would otherwise hold 4.3 GB of them per layer."""
+        b, s, h, _ = q.shape
+        step = max(1, max_logits // max(1, b * h * keys.shape[1]))
+        out = [torch.einsum("bsht,bsh->bst", F.relu(torch.einsum("bshi,bti->bsht", q[:, i:i + step].float(), keys.float())),
+                            w[:, i:i + step]) for i in range(0, s, step)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def select(self, scores: torch.Tensor, q_pos: torch.Tensor) -> Selection:
         """Top-min(index_topk, T) keys of causally masked scores (b, s, T), queries at positions q_pos (s,)."""

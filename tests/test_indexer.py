@@ -212,3 +212,14 @@ def test_static_decode_step_equals_readable_path(make_model, index_impl):
         out = [runner(tokens[:, :4], 0)[:, -1]] + [runner(tokens[:, p:p + 1], p)[:, -1] for p in range(4, 16)]
     for r, o in zip(ref, out):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_scores_in_query_chunks_equal_float64():
+    """A long prefill scores its queries in chunks (here 4 of <= 8 queries): the same scores."""
+    g = torch.Generator().manual_seed(4)
+    q, keys, w = torch.randn(2, 30, 6, 8, generator=g), torch.randn(2, 50, 8, generator=g), torch.randn(2, 30, 6, generator=g)
+    ref = torch.zeros(2, 30, 50, dtype=torch.float64)
+    for h in range(6):
+        ref += w[:, :, h, None].double() * torch.relu(q[:, :, h].double() @ keys.double().transpose(1, 2))
+    got = Indexer.scores(q, w, keys, max_logits=2 * 6 * 50 * 8).double()
+    assert ((got - ref).norm() / ref.norm()) < 2e-6

@@ -223,3 +223,15 @@ def test_scores_in_query_chunks_equal_float64():
         ref += w[:, :, h, None].double() * torch.relu(q[:, :, h].double() @ keys.double().transpose(1, 2))
     got = Indexer.scores(q, w, keys, max_logits=2 * 6 * 50 * 8).double()
     assert ((got - ref).norm() / ref.norm()) < 2e-6
+
+
+def test_mtp_speculative_decoding_on_v32_equals_greedy(make_model):
+    """MTP drafts verified by the main model (the caches rolled back by position, indexer keys included)."""
+    from dsv3.generation import generate
+    from dsv3.speculative import generate_mtp
+
+    model = make_model(ARGS, seed=2)
+    prompts = [[5, 17, 300, 2, 9, 44, 71], [9, 8, 7]]
+    stats = {}
+    assert generate_mtp(model, prompts, 10, stats=stats) == generate(model, prompts, 10)
+    assert stats["drafted"] > 0

@@ -69,3 +69,20 @@ def test_bench_decode_sparse_needs_the_preset(tmp_path, capsys):
     assert main(["bench", "decode", "--ckpt", str(tmp_path), "--sparse", "4"]) == 2
     err = capsys.readouterr().err
     assert "--sparse" in err and "Traceback" not in err
+
+
+def test_bench_decode_sparse_layer_curves(tmp_path, capsys):
+    """`--sparse-layer CONFIG`: one V3.2 attention layer with and without its indexer, a curve each (no timing
+    assertions); a config without an indexer is refused on one line."""
+    from dsv3.cli import main
+    from dsv3.testing import tiny_v32_args
+
+    (tmp_path / "v32").mkdir()
+    (tmp_path / "v32" / "config.json").write_text(json.dumps(tiny_v32_args().to_hf_config()))
+    assert main(["bench", "decode", "--sparse-layer", str(tmp_path / "v32"), "--contexts", "24,8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["curves"]) == {"dense", "sparse"} and res["index_topk"] == tiny_v32_args().index_topk
+    for curve in res["curves"].values():
+        assert [c for c, _, _ in curve] == [8, 24] and all(0 < lo <= med for _, lo, med in curve)
+    assert main(["bench", "decode", "--sparse-layer", "tiny"]) == 2
+    assert "not a V3.2 config" in capsys.readouterr().err

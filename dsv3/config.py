@@ -65,6 +65,13 @@ class ModelArgs:
     moe_impl: Literal["grouped", "loop"] = "grouped"  # expert dispatch: sorted by expert, or one expert at a time
     official_yarn_gate: bool = False  # True: YaRN only if max_seq_len > original_seq_len (official code)
     block_size: int = 128  # FP8 weight block edge (weight_block_size in HF quantization_config)
+    # --- V3.2 sparse attention (DSA): official names first; index_n_heads = 0 means no indexer (plain V3) ---
+    index_n_heads: int = 0  # lightning-indexer heads (V3.2: 64)
+    index_head_dim: int = 128  # width of an indexer query head and of the one indexer key per token
+    index_topk: int = 2048  # keys each query attends to (the indexer's top-k)
+    index_rope_interleave: bool = False  # indexer RoPE pairs: False (x[i], x[i + r/2]) as the released weights want
+    index_fp8: bool = False  # the official demo's Hadamard rotation + FP8 indexer q/k (and FP8 key cache)
+    index_impl: Literal["gather", "mask"] = "gather"  # attend to the gathered rows, or a dense mask (testing)
 
     def __post_init__(self) -> None:
         if self.gate_bias is None:
@@ -145,6 +152,25 @@ class ModelArgs:
             if self.gate_bias and self.n_expert_groups > 1:
                 need(per_group >= 2, "with a gate bias, group scores sum the top-2 experts of each group, "
                      f"so each group needs >= 2 experts (got {per_group})")
+        self._validate_indexer(need)
+
+    def _validate_indexer(self, need) -> None:
+        """V3.2's indexer fields (checked only when there is an indexer)."""
+        v = self.index_n_heads
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+             f"index_n_heads must be a non-negative integer (0 = no indexer), got {v!r}")
+        if not v:
+            return
+        for name in ("index_head_dim", "index_topk"):
+            x = getattr(self, name)
+            need(isinstance(x, int) and not isinstance(x, bool) and x > 0, f"{name} must be a positive integer, got {x!r}")
+        need(self.q_lora_rank > 0, "the indexer's queries come from the q latent: index_n_heads > 0 needs q_lora_rank > 0")
+        need(self.qk_rope_head_dim <= self.index_head_dim,
+             f"index_head_dim ({self.index_head_dim}) must hold the qk_rope_head_dim ({self.qk_rope_head_dim}) rotated dims")
+        need(self.index_impl in ("gather", "mask"), f"index_impl must be 'gather' or 'mask', got {self.index_impl!r}")
+        d = self.index_head_dim
+        need(not self.index_fp8 or d & (d - 1) == 0,
+             f"index_fp8 rotates q and k by a Walsh-Hadamard matrix: index_head_dim must be a power of two, got {d}")
 
     # ------------------------------------------------------------------ presets and files
     @classmethod
@@ -259,4 +285,5 @@ def _presets() -> dict[str, ModelArgs]:
         "bench": _config_file("bench"),  # DeepSeek-V3-shaped, 133M parameters: what `dsv3 bench decode` times
         "16B": _config_file("16B"), "236B": _config_file("236B"),
         "671B": _config_file("671B").replace(n_mtp_layers=1),
+        "671B-v3.2": _config_file("671B-v3.2").replace(n_mtp_layers=1),  # the official V3.2-Exp file: + indexer
     }

@@ -44,11 +44,13 @@ def _yarn_m(factor: float, mscale: float) -> float:
 
 def hf_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     mt = cfg.get("model_type")
+    if mt == "deepseek_v32":
+        return _hf_v32_to_official(cfg, source)
     if mt == "kimi_k2":
         mt = _kimi_k2_as_v3(cfg, source)
     if mt not in (None, "deepseek_v3", "deepseek_v2"):
         raise ConfigError(f"{source}: model_type {mt!r} is not a DeepSeek-V3 family model "
-                          "(expected 'deepseek_v3', 'deepseek_v2' or 'kimi_k2')")
+                          "(expected 'deepseek_v3', 'deepseek_v32', 'deepseek_v2' or 'kimi_k2')")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {missing}")
@@ -108,6 +110,32 @@ def _kimi_k2_as_v3(cfg: dict[str, Any], source: str) -> str:
         raise ConfigError(f"{source}: model_type 'kimi_k2' with architectures {arch}; dsv3 runs Kimi K2 as "
                           "the DeepSeek-V3 architecture (expected ['DeepseekV3ForCausalLM'])")
     return "deepseek_v3"
+
+
+# --- DeepSeek-V3.2 (model_type deepseek_v32): DeepSeek-V3 plus the lightning indexer's three fields ---
+# transformers 5.24 DeepseekV32Config defaults: V3's shape, a 163840-token context, the indexer of the release.
+_HF_V32_DEFAULTS: dict[str, Any] = {"max_position_embeddings": 163840, "index_n_heads": 64,
+                                    "index_head_dim": 128, "index_topk": 2048}
+_HF_V32_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # same names in config.json and ModelArgs
+
+
+def _hf_v32_to_official(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """A deepseek_v32 config.json: read as DeepSeek-V3 (its defaults included), then the indexer fields."""
+    full = {**_HF_V32_DEFAULTS, **cfg}
+    out = hf_to_official({k: v for k, v in full.items() if k not in _HF_V32_FIELDS} | {"model_type": "deepseek_v3"},
+                         source)
+    for name in _HF_V32_FIELDS:
+        out[name] = full[name]
+    if not out["index_n_heads"]:
+        raise ConfigError(f"{source}: model_type 'deepseek_v32' with index_n_heads={full['index_n_heads']!r}: "
+                          "a V3.2 model has a lightning indexer (expected a positive number of heads)")
+    return out
+
+
+def _v32_hf_fields(args: Any) -> dict[str, Any]:
+    """What a V3.2 config.json adds to (and changes in) DeepSeek-V3's."""
+    return {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+            **{name: getattr(args, name) for name in _HF_V32_FIELDS}}
 
 
 def _hf_rope(cfg: dict[str, Any], out: dict[str, Any], source: str) -> None:
@@ -214,4 +242,6 @@ def official_to_hf(args: Any) -> dict[str, Any]:
         }
         if args.scale_fmt:
             cfg["quantization_config"]["scale_fmt"] = args.scale_fmt
+    if args.index_n_heads:  # V3.2
+        cfg.update(_v32_hf_fields(args))
     return cfg

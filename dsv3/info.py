@@ -1,4 +1,4 @@
-"""What a config costs: parameter counts (total, activated per token, MTP) and KV-cache bytes.
+"""What a config costs: parameter counts (total, activated per token, MTP) and KV-cache bytes (V3.2's indexer in both).
 
 Counts come from the model itself, built on the meta device (free even at 671B),
 so they are the parameters dsv3 would load -- FP8 block scales excluded. Activated parameters are
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelArgs
+from dsv3.indexer import Indexer
 from dsv3.layers import Linear, RMSNorm
 from dsv3.model import Block
 from dsv3.mtp import MTPModule
@@ -62,16 +63,39 @@ def _moe_inactive(ffn: torch.nn.Module, args: ModelArgs) -> int:
 
 
 def kv_cache_bytes_per_token(args: ModelArgs, naive: bool = False, bytes_per_value: int = 2, mtp: bool = False) -> int:
-    """Cache bytes per token over all main-model layers (+ the MTP modules' with `mtp`; bf16 by default)."""
+    """Cache bytes per token over all main-model layers (+ the MTP modules' with `mtp`; bf16 by default),
+    V3.2's indexer keys included as the model caches them (`index_cache_bytes_per_token`, FP8 with index_fp8)."""
     if naive:
         per_layer = args.n_heads * (args.qk_head_dim + args.v_head_dim)
     else:
         per_layer = args.kv_lora_rank + args.qk_rope_head_dim
-    return per_layer * bytes_per_value * (args.n_layers + (args.n_mtp_layers if mtp else 0))
+    layers = args.n_layers + (args.n_mtp_layers if mtp else 0)
+    index = index_cache_bytes_per_token(args, fp8=args.index_fp8, bytes_per_value=bytes_per_value, mtp=mtp)
+    return per_layer * bytes_per_value * layers + index
+
+
+def index_cache_bytes_per_token(args: ModelArgs, fp8: bool = False, bytes_per_value: int = 2, mtp: bool = False) -> int:
+    """V3.2's indexer key cache per token over all layers: index_head_dim values (bf16 by default), or with `fp8`
+    DeepSeek's serving layout, 1 B per value + one float32 scale per block (128 + 4 B per layer at 671B)."""
+    if not args.index_n_heads:
+        return 0
+    d = args.index_head_dim
+    per_layer = d + 4 * -(-d // args.block_size) if fp8 else d * bytes_per_value
+    return per_layer * (args.n_layers + (args.n_mtp_layers if mtp else 0))
 
 
 def info(args: ModelArgs) -> dict[str, int]:
     out = param_counts(args)
     out["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(args)
     out["kv_cache_bytes_per_token_naive"] = kv_cache_bytes_per_token(args, naive=True)
+    if args.index_n_heads:  # V3.2: the indexer's parameters are in the counts above; its keys in the cache
+        out["index_params_per_layer"] = index_params_per_layer(args)
+        out["index_cache_bytes_per_token"] = index_cache_bytes_per_token(args)
+        out["index_cache_bytes_per_token_fp8"] = index_cache_bytes_per_token(args, fp8=True)
     return out
+
+
+def index_params_per_layer(args: ModelArgs) -> int:
+    """Parameters of one layer's lightning indexer (V3.2), counted on the meta device."""
+    with torch.device("meta"):
+        return _numel(Indexer(args))

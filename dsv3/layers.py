@@ -1,4 +1,4 @@
-"""The small building blocks: RMSNorm, Linear (bf16/fp32 or FP8 + block scales), the SwiGLU MLP."""
+"""The small building blocks: RMSNorm, LayerNorm (V3.2's indexer), Linear (bf16/fp32 or FP8 + block scales), the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * weight + bias over the last axis, in float32 and cast back: V3.2's indexer `k_norm`
+    (the official code's LayerNorm; not an RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class Linear(nn.Module):

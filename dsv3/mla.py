@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from dsv3.config import ModelArgs
+from dsv3.indexer import Indexer, Selection
 from dsv3.layers import Linear, RMSNorm
 from dsv3.rope import apply_rope
 
@@ -99,6 +100,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank)
         self.wkv_b = Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), **linear_kw)
         self.wo = Linear(h * self.v_dim, args.dim, **linear_kw)
+        self.indexer = Indexer(args, **linear_kw) if args.index_n_heads else None  # V3.2's sparse attention
         self._absorb_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ cache
@@ -108,7 +110,10 @@ class MLA(nn.Module):
             shapes = {"kv": (batch, max_len, self.kv_lora_rank), "pe": (batch, max_len, self.rope_dim)}
         else:
             shapes = {"k": (batch, max_len, h, self.nope + self.rope_dim), "v": (batch, max_len, h, self.v_dim)}
-        return MLACache({n: torch.zeros(sh, dtype=dtype, device=device) for n, sh in shapes.items()})
+        tensors = {n: torch.zeros(sh, dtype=dtype, device=device) for n, sh in shapes.items()}
+        if self.indexer is not None:  # V3.2: the indexer's keys beside the latents
+            tensors |= self.indexer.new_cache(batch, max_len, dtype, device)
+        return MLACache(tensors)
 
     def absorbed_wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
         """wkv_b as (h, d + d_v, c) in `dtype`; an FP8 weight is dequantised once and kept.
@@ -129,8 +134,10 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 cache: MLACache | None = None) -> torch.Tensor:
         s = x.shape[1]
-        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin)
+        qr = self.q_latent(x)
+        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin, qr)
         mask = causal_mask(start_pos, s, x.device) if s > 1 else None
+        sel = None if self.indexer is None else self.indexer(x, qr, start_pos, cos, sin, cache)  # DSA's keys
 
         if self.attn_impl == "naive":
             kv_full = rearrange(self.wkv_b(kv), "b s (h j) -> b s h j", j=self.nope + self.v_dim)
@@ -140,16 +147,16 @@ class MLA(nn.Module):
                 k, v = cache.write(start_pos, k=k, v=v).values()
             q = torch.cat([q_nope, q_pe], dim=-1)  # (b s h d+r), rotated
             scores = torch.einsum("bshi,bthi->bsht", q, k) * self.softmax_scale
-            probs = _softmax(scores, mask, x.dtype)
+            probs = _softmax(scores, mask if sel is None else sel.dense_mask(), x.dtype)
             o = torch.einsum("bsht,bthd->bshd", probs, v)
         else:
             wkv_b = self.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
             if cache is not None:
                 kv, k_pe = cache.write(start_pos, kv=kv, pe=k_pe).values()
             if self.expanding_pays(s):
-                o = self._expanded(q_nope, q_pe, kv, k_pe, wkv_b)
+                o = self._expanded(q_nope, q_pe, kv, k_pe, wkv_b, None if sel is None else sel.dense_mask())
             else:
-                o = self.attend_latent(q_nope, q_pe, kv, k_pe, wkv_b, mask)
+                o = self.attend_latent(q_nope, q_pe, kv, k_pe, wkv_b, mask, sel)
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))
 
     def forward_static(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -157,15 +164,22 @@ class MLA(nn.Module):
         """One absorbed decode step with nothing on the host (dsv3.decode_step): x (b, 1, m) at position pos,
         a (1,) long tensor; the latents are written into the whole fixed-length cache and attention runs over
         all its t slots, the ones after pos masked by `mask` (1, t) (additive, -inf); wkv_b as `absorbed_wkv_b`."""
-        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin)
+        qr = self.q_latent(x)
+        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin, qr)
         kv_all, pe_all = cache.write_at(pos, kv=kv, pe=k_pe).values()  # (b t c), (b t r)
-        o = self.attend_latent(q_nope, q_pe, kv_all, pe_all, wkv_b, mask)
+        sel = None if self.indexer is None else self.indexer.forward_static(x, qr, pos, cos, sin, cache)
+        o = self.attend_latent(q_nope, q_pe, kv_all, pe_all, wkv_b, mask, sel)
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The normalised q latent (b s q), None without q-LoRA: wq_b reads it, and so does V3.2's indexer."""
+        return None if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                qr: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The projections every path starts from: q_nope (b s h d), q_pe (b s h r) rotated, the normalised
-        latent kv (b s c) and the rotated shared key k_pe (b s r)."""
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        latent kv (b s c) and the rotated shared key k_pe (b s r). `qr`: the q latent if already computed."""
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_latent(x) if qr is None else qr)
         q = rearrange(q, "b s (h i) -> b s h i", i=self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (b s h r)
@@ -175,16 +189,20 @@ class MLA(nn.Module):
         return q_nope, q_pe, kv, k_pe
 
     def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                      wkv_b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                      wkv_b: torch.Tensor, mask: torch.Tensor | None, sel: Selection | None = None) -> torch.Tensor:
         """Absorbed attention against the latents kv (b t c), k_pe (b t r): (b, s, h, d_v).
 
         `mask`: None, or an additive (s, >= t) mask whose last t columns are these keys' (`causal_mask`).
+        `sel` (V3.2): attend to the indexer's keys only -- gathered rows, or its dense mask instead of `mask`.
         """
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
-        probs = _softmax(scores, mask, q_nope.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
+        if sel is not None and sel.gathers:
+            o_lat = sel.attend_latent(q_lat, q_pe, kv, k_pe, self.softmax_scale)
+        else:
+            scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
+                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            probs = _softmax(scores, mask if sel is None else sel.dense_mask(), q_nope.dtype)
+            o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
         return torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
 
     def expanding_pays(self, s: int) -> bool:
@@ -199,14 +217,17 @@ class MLA(nn.Module):
         return gain <= 0 or s * gain >= c * (d + dv)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                  wkv_b: torch.Tensor) -> torch.Tensor:
-        """The same attention, through fused SDPA on K/V expanded from the latents: (b, s, h, d_v)."""
+                  wkv_b: torch.Tensor, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        """The same attention, through fused SDPA on K/V expanded from the latents: (b, s, h, d_v).
+        `sparse`: V3.2's selection as an additive (b, s, t) mask (causality included), else causal."""
         k_nope, v = torch.einsum("btc,hjc->bhtj", kv, wkv_b).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (b h t d+r)
         q = rearrange(torch.cat([q_nope, q_pe], dim=-1), "b s h i -> b h s i")
         s, t = q.shape[2], k.shape[2]
         # queries are the last s of the t positions: query i sees keys 0 .. t - s + i
         mask = None if s == t else causal_mask(t - s, s, q.device) == 0
+        if sparse is not None:
+            mask = (sparse == 0)[:, None]  # (b, 1, s, t): True where the query may look
         # torch's fused (flash) CPU kernel wants one head dim for q, k and v: zero-pad v (2.4x faster here)
         pad = q.shape[-1] - self.v_dim
         o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
@@ -224,5 +245,5 @@ def causal_mask(start_pos: int, s: int, device: torch.device) -> torch.Tensor:
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if mask is not None:
         t = scores.shape[-1]
-        scores = scores + mask[:, None, -t:]  # (s, 1, t) over (b, s, h, t); without a cache t = s
+        scores = scores + mask.unsqueeze(-2)[..., -t:]  # (s, 1, t) or (b, s, 1, t) over (b, s, h, t)
     return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)

@@ -15,7 +15,7 @@ from torch import nn
 
 from dsv3 import fp8
 from dsv3.config import ModelArgs
-from dsv3.layers import MLP, Linear, RMSNorm
+from dsv3.layers import MLP, LayerNorm, Linear, RMSNorm
 from dsv3.mla import MLA, MLACache
 from dsv3.moe import Gate, MoE
 from dsv3.mtp import MTPModule
@@ -72,10 +72,13 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random init (normal(0, std) for matrices, ones for norms, zeros for gate biases)."""
+        """Random init (normal(0, std) for matrices, ones for norms, zeros for gate and LayerNorm biases)."""
         for mod in self.modules():
             if isinstance(mod, RMSNorm):
                 mod.weight.fill_(1.0)
+            elif isinstance(mod, LayerNorm):  # V3.2's indexer k_norm
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
             elif isinstance(mod, nn.Embedding):
                 mod.weight.normal_(0, std, generator=generator)
             elif isinstance(mod, Linear):

@@ -51,7 +51,15 @@ LAYER_TABLE: list[tuple[str, str, int | None]] = [
     ("mlp.experts.{e}.gate_proj", "ffn.experts.{e}.w1", None),
     ("mlp.experts.{e}.up_proj", "ffn.experts.{e}.w3", None),
     ("mlp.experts.{e}.down_proj", "ffn.experts.{e}.w2", None),
+    # V3.2's lightning indexer: replicated on every rank (13.96M per layer at 671B; each rank scores alike)
+    ("self_attn.indexer.wq_b", "attn.indexer.wq_b", None),
+    ("self_attn.indexer.wk", "attn.indexer.wk", None),
+    ("self_attn.indexer.k_norm.weight", "attn.indexer.k_norm.weight", None),
+    ("self_attn.indexer.k_norm.bias", "attn.indexer.k_norm.bias", None),
+    ("self_attn.indexer.weights_proj", "attn.indexer.weights_proj", None),
 ]
+# Linears the FP8 release keeps in bf16 although they sit in a block (no weight_scale_inv)
+NOT_QUANTIZED = ("self_attn.indexer.weights_proj",)
 # Tensors only the MTP layer has (relative to model.layers.{n_layers + k}.)
 MTP_TABLE: list[tuple[str, str, int | None]] = [
     ("enorm.weight", "enorm.weight", None),
@@ -91,7 +99,7 @@ class Name:
 def _compile(table: list[tuple[str, str, int | None]]) -> list[tuple[re.Pattern, str, int | None, bool]]:
     out = []
     for hf, ours, dim in table:
-        is_linear = not hf.endswith((".weight", ".e_score_correction_bias"))
+        is_linear = not hf.endswith((".weight", ".bias", ".e_score_correction_bias"))
         pat = re.escape(hf).replace(r"\{e\}", r"(?P<e>\d+)")
         out.append((re.compile(pat + (r"(?P<suffix>\.weight|\.weight_scale_inv)" if is_linear else "") + "$"),
                     ours, dim, is_linear))
@@ -208,10 +216,10 @@ def is_quantized_in_release(hf_name: str) -> bool:
     """Whether the DeepSeek FP8 release stores this `.weight` as FP8 (with a `weight_scale_inv`).
 
     Exactly the Linear weights of the decoder blocks (main and MTP): not the embeddings,
-    head, norms, gate weight/bias, nor the MTP eh_proj / shared_head / embed_tokens.
+    head, norms, gate weight/bias, the MTP eh_proj / shared_head / embed_tokens, nor V3.2's indexer weights_proj.
     """
     m = _LAYER_PREFIX.match(hf_name)
-    if not m or not hf_name.endswith(".weight"):
+    if not m or not hf_name.endswith(".weight") or m.group(2).startswith(NOT_QUANTIZED):
         return False
     return any(is_linear and pat.match(m.group(2)) for pat, _, _, is_linear in _LAYER_RE)
 

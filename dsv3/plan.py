@@ -70,7 +70,10 @@ def workspace_bytes_per_rank(args, world: int, batch: int, prefill: int) -> int:
     moe = n * args.n_activated_experts * args.dim * (2 * act + 4)  # gathered tokens, their outputs, float32 sum
     logits = 2 * n * args.vocab_size * 4  # local shards gathered into full float32 logits, then the copy
     absorbed = args.n_layers * h * (args.qk_nope_head_dim + args.v_head_dim) * args.kv_lora_rank * act
-    return scores + latents + residual + moe + logits + absorbed + RUNTIME_OVERHEAD
+    # V3.2: the indexer's per-head logits (scored in chunks of <= 2^26 values), its scores and selection mask
+    index = (min(2**26, batch * args.index_n_heads * prefill * prefill) + 2 * batch * prefill * prefill) * 4 \
+        if args.index_n_heads else 0
+    return scores + latents + residual + moe + logits + absorbed + index + RUNTIME_OVERHEAD
 
 
 def comm_bytes_per_token(args, world: int, act_bytes: int = 2) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN, in DeepSeek's interleaved-pair layout.
+"""Rotary position embedding with YaRN, in DeepSeek's interleaved-pair layout (and V3.2's indexer's half-split one).
 
 Only the `qk_rope_head_dim` (r) slice of q and k is rotated. Pairs are adjacent
 channels (x[2i], x[2i+1]) rotated by angle pos * inv_freq[i] -- the layout of the
@@ -60,6 +60,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = xf[..., 0], xf[..., 1]
     out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation with the other pair layout ("rotate half"): x[i] pairs with x[i + r/2].
+
+    What V3.2's lightning indexer was trained with (transformers' DeepseekV32Indexer); MLA keeps `apply_rope`.
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (..., r/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Rotary(torch.nn.Module):

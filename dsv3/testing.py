@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelArgs
 from dsv3.fp8 import weight_quant
-from dsv3.layers import RMSNorm
+from dsv3.layers import LayerNorm, RMSNorm
 from dsv3.model import Transformer
 from dsv3.moe import Gate
 from dsv3.names import dsv3_name_to_hf, is_quantized_in_release, meta_state
@@ -50,25 +50,37 @@ def tiny_hf_args(**overrides) -> ModelArgs:
     return ModelArgs.tiny("tiny-hf", **overrides)
 
 
-def tiny_dist_args(fp8: bool = False) -> ModelArgs:
+# A V3.2 lightning indexer small enough for the tiny family: top-k below the test prompts' lengths.
+TINY_INDEXER = dict(index_n_heads=4, index_head_dim=32, index_topk=6)
+
+
+def tiny_v32_args(**overrides) -> ModelArgs:
+    """`tiny_hf_args` plus a lightning indexer (DeepSeek-V3.2; model_type deepseek_v32 in config.json)."""
+    return ModelArgs.tiny("tiny-hf", **{**TINY_INDEXER, **overrides})
+
+
+def tiny_dist_args(fp8: bool = False, v32: bool = False) -> ModelArgs:
     """What 1, 2 and 4 ranks split ("tiny-dist"); with FP8 a block size of 8
-    (quantization_config.weight_block_size) so sharded rows and columns stay whole blocks."""
-    return ModelArgs.tiny("tiny-dist", **(dict(dtype="fp8", block_size=8) if fp8 else {}))
+    (quantization_config.weight_block_size) so sharded rows and columns stay whole blocks; `v32` adds an indexer."""
+    return ModelArgs.tiny("tiny-dist", **(dict(dtype="fp8", block_size=8) if fp8 else {}),
+                          **(TINY_INDEXER if v32 else {}))
 
 
-def write_tiny_checkpoint(path, fp8: bool = False, seed: int = 0) -> Path:
-    """A random `tiny_dist_args(fp8)` model saved in three shards: everything but the routed experts,
+def write_tiny_checkpoint(path, fp8: bool = False, seed: int = 0, v32: bool = False) -> Path:
+    """A random `tiny_dist_args(fp8, v32)` model saved in three shards: everything but the routed experts,
     experts 0-3 (rank 0's at world size 2) and experts 4-7 (rank 1's), so a test can break a shard that only
     one rank reads. Float32, or FP8 with 8×8 blocks."""
-    args = tiny_dist_args(fp8)
+    args = tiny_dist_args(fp8, v32)
     torch.manual_seed(seed)
     model = Transformer(args)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, Gate) and mod.bias is not None:
                 mod.bias.normal_(0, 0.05)  # non-zero correction bias: selection differs from weighting
-            if isinstance(mod, RMSNorm):
+            if isinstance(mod, (RMSNorm, LayerNorm)):
                 mod.weight.normal_(1.0, 0.1)
+            if isinstance(mod, LayerNorm):
+                mod.bias.normal_(0, 0.1)
 
     def shard_of(name: str) -> str:
         m = re.search(r"\.experts\.(\d+)\.", name)

@@ -136,7 +136,7 @@ def test_transformers_accepts_to_hf_config(preset):
 def test_load_spec_kinds(tmp_path):
     assert ModelArgs.load("671B") == ModelArgs.preset("671B")
     assert ModelArgs.load(CONFIGS / "config_236B.json") == ModelArgs.preset("236B")
-    assert sorted(ModelArgs.presets()) == ["16B", "236B", "671B", "bench", "tiny"]
+    assert sorted(ModelArgs.presets()) == ["16B", "236B", "671B", "671B-v3.2", "bench", "tiny"]
 
 
 # ---------------------------------------------------------------------- every validation error

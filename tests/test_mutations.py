@@ -71,6 +71,14 @@ MUTATIONS = {
         "        self.held = getattr(self, 'held', '') + piece\n",
         ["test_cli_generate.py::test_streaming_writes_tokens_as_they_come",
          "test_frontend.py::test_printer_writes_generated_tokens_of_row_0_only"]),
+    "V3.2 indexer: the demo's interleaved RoPE": (
+        "dsv3/indexer.py", "self.rope = apply_rope if args.index_rope_interleave else apply_rope_half",
+        "self.rope = apply_rope",
+        ["test_parity_v32.py::test_prefill_logits_match_transformers[latent]",
+         "test_indexer.py::test_scores_and_selection_match_float64[False]"]),
+    "V3.2 indexer score without n_heads^-1/2": (
+        "dsv3/indexer.py", "self.scale = (self.n_heads * self.head_dim) ** -0.5", "self.scale = self.head_dim ** -0.5",
+        ["test_indexer.py::test_scores_and_selection_match_float64[False]"]),
     "chat keeps a turn that did not fit": (
         "dsv3/cli/chat.py", "            messages.pop()\n", "",
         ["test_frontend.py::test_chat_script_blank_lines_eof_and_a_full_conversation"]),

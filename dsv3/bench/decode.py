@@ -23,20 +23,30 @@ from dsv3.config import ModelArgs
 from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 from dsv3.info import param_counts
+from dsv3.mla import MLA
 from dsv3.model import Transformer
 from dsv3.outputs import check_output_path
+from dsv3.rope import rope_cos_sin
 
 BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
 
 
 # ---------------------------------------------------------------------- checkpoint
-def ensure_checkpoint(preset: str, dtype: str) -> Path:
-    """A random checkpoint of `preset` in the HF layout, written once and reused."""
+# `--sparse K`: the preset plus a V3.2 lightning indexer. Its per-key cost (heads x width = 256 multiply-adds) is
+# ~1/9 of the bench preset's absorbed MLA per key (8 heads x (2 x 128 + 32)), near V3.2's 1/17 (64 x 128 vs
+# 128 x (2 x 512 + 64)) -- so the sparse/dense ratio measured on the small model is not flattered.
+BENCH_INDEXER = dict(index_n_heads=4, index_head_dim=64)
 
-    path = BENCH_DIR / f"{preset}-{dtype}"
+
+def ensure_checkpoint(preset: str, dtype: str, index_topk: int = 0) -> Path:
+    """A random checkpoint of `preset` in the HF layout (with index_topk, + BENCH_INDEXER), written once and reused."""
+
+    path = BENCH_DIR / (f"{preset}-v32-top{index_topk}-{dtype}" if index_topk else f"{preset}-{dtype}")
     if (path / "config.json").is_file():
         return path
     args = ModelArgs.preset(preset)
+    if index_topk:
+        args = args.replace(**BENCH_INDEXER, index_topk=index_topk)
     torch.manual_seed(0)
     model = Transformer(args, dtype=getattr(torch, dtype))
     with torch.no_grad():  # a non-zero correction bias, so routing depends on it as in the release
@@ -213,15 +223,71 @@ def _spawn(spec: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------- one V3.2 attention layer
+def sparse_layer_curves(args: ModelArgs, contexts: list[int], steps: int = 12, warmup: int = 3) -> dict:
+    """Decode-step time of one attention layer of `args` (a V3.2 config) against context, dense (the same layer
+    without its indexer) and sparse alternating step by step in one process: {"dense"|"sparse": [(ctx, min s,
+    median s)]}. The caches are filled with random values (a step's cost does not depend on them), so no prefill."""
+    layers = {}
+    for name, a in (("dense", args.replace(index_n_heads=0)), ("sparse", args)):
+        torch.manual_seed(0)
+        layers[name] = MLA(a.replace(max_seq_len=max(contexts) + steps + warmup)).eval()
+        with torch.no_grad():
+            for p in layers[name].parameters():
+                p.normal_(0, 0.02)
+    out: dict[str, list] = {n: [] for n in layers}
+    for ctx in contexts:
+        n_pos = ctx + steps + warmup
+        caches = {n: attn.new_cache(1, n_pos, torch.float32, "cpu") for n, attn in layers.items()}
+        for c in caches.values():
+            for t in c.tensors.values():
+                t.normal_()
+        cos, sin = rope_cos_sin(args, torch.arange(n_pos))
+        times: dict[str, list[float]] = {n: [] for n in layers}
+        with torch.inference_mode():
+            for i in range(warmup + steps):
+                for n, attn in layers.items():
+                    x, p = torch.randn(1, 1, args.dim), ctx + i
+                    t = time.perf_counter()
+                    attn(x, p, cos[p:p + 1], sin[p:p + 1], caches[n])
+                    if i >= warmup:
+                        times[n].append(time.perf_counter() - t)
+        for n, ts in times.items():
+            out[n].append((ctx, min(ts), statistics.median(ts)))
+    return out
+
+
+def run_sparse_layer(ns) -> int:
+    args = ModelArgs.load(ns.sparse_layer)
+    if not args.index_n_heads:
+        raise UsageError(f"--sparse-layer {ns.sparse_layer}: not a V3.2 config (index_n_heads is 0)")
+    contexts = sorted(ns.contexts) or [2048, 4096, 8192, 16384, 32000]
+    torch.set_num_threads(ns.threads)
+    curves = sparse_layer_curves(args.replace(dtype="bf16"), contexts)
+    if ns.json:
+        print(json.dumps(dict(config=ns.sparse_layer, index_topk=args.index_topk, threads=ns.threads, curves=curves,
+                              machine=_machine())))
+        return 0
+    print(f"one attention layer of {ns.sparse_layer} (index_topk {args.index_topk}), float32, {ns.threads} thread(s): "
+          "decode step ms, min / median")
+    for (ctx, dmin, dmed), (_, smin, smed) in zip(curves["dense"], curves["sparse"]):
+        print(f"  context {ctx:>6}: dense {1e3 * dmin:8.1f} / {1e3 * dmed:8.1f}   sparse {1e3 * smin:8.1f} / {1e3 * smed:8.1f}")
+    return 0
+
+
 # ---------------------------------------------------------------------- driver
 def run(ns) -> int:
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
         return 0
+    if ns.sparse_layer:
+        return run_sparse_layer(ns)
 
     attn = [a for a in ns.attn.split(",") if a]
     if not attn or any(a not in ("absorb", "naive") for a in attn):
         raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
+    if ns.sparse and ns.ckpt:
+        raise UsageError("--sparse times the preset with and without an indexer: give --preset, not --ckpt")
     if ns.plot:
         check_output_path(ns.plot, "--plot")
     ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
@@ -238,8 +304,14 @@ def run(ns) -> int:
         modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
             "compile+cuda-graph" if ns.compile else "cuda-graph"
     impls += list(modes)
+    ckpts = dict.fromkeys(impls, ckpt)
+    if ns.sparse:  # V3.2's sparse attention beside the dense rows (the preset without an indexer)
+        sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
+        ckpts |= dict.fromkeys(sparse, ensure_checkpoint(ns.preset, ns.dtype, ns.sparse))
+        impls += sparse
     if ns.compare:
         impls.append("transformers")
+        ckpts["transformers"] = ckpt
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
@@ -248,8 +320,8 @@ def run(ns) -> int:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
-                    spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=batch, device=ns.device,
-                                prompt=prompt, new=ns.new, vocab=args.vocab_size,
+                    spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=batch,
+                                device=ns.device, prompt=prompt, new=ns.new, vocab=args.vocab_size,
                                 mode=modes.get(impl, "readable"))
                     cell[impl].append(_spawn(spec))
             floor_s = floor_bytes(args, batch, bpp) / bw
@@ -268,7 +340,8 @@ def run(ns) -> int:
     if ns.contexts:
         ctx = list(ns.contexts)
         for impl in impls:
-            spec = dict(impl=impl, ckpt=str(ckpt), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx), device=ns.device,
+            spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx),
+                        device=ns.device,
                         new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
             curves[impl] = _spawn(spec)["curve"]
     floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in ns.batch}

@@ -9,6 +9,12 @@ For batch B, the routed experts touched per step are the expected number of
 distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
 Both implementations compute what generation needs: the last position's logits
 (dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does).
+`--sparse TOPK` adds rows for the same preset with V3.2's lightning indexer (4 heads x 64; its keys cached
+beside the latents), attending to TOPK gathered tokens per query: with `--contexts` the dense step grows
+with the context, the sparse one's attention stops growing beyond TOPK (the indexer still scores every key).
+`--sparse-layer CONFIG` times one attention layer of a V3.2 config alone (671B-v3.2: 128 heads, the indexer's
+64 x 128, index_topk 2048), with and without its indexer, its cache filled with random values (default contexts
+2048..32000): where attention, not the weights, is the step's cost.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ def add_args(p) -> None:
                    help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the static step replayed as a CUDA graph (with --compile: the compiled step)")
+    p.add_argument("--sparse", type=positive, default=0, metavar="TOPK",
+                   help="also time the preset as DeepSeek-V3.2 (+ a lightning indexer keeping TOPK keys per query)")
+    p.add_argument("--sparse-layer", default=None, metavar="CONFIG",
+                   help="instead: one attention layer of a V3.2 config (e.g. 671B-v3.2), dense vs sparse, vs --contexts")
     p.add_argument("--repeats", type=positive, default=3, help="fresh-process runs per cell (median reported)")
     p.add_argument("--contexts", type=integer_list(1), default=(),
                    help="e.g. 256,512,1024,2048: decode step time vs context (plot data)")

@@ -57,7 +57,7 @@ def test_kimi_k2_other_architecture_refused():
 
 
 def test_unknown_model_type_names_kimi_k2():
-    with pytest.raises(ConfigError, match="expected 'deepseek_v3', 'deepseek_v2' or 'kimi_k2'"):
+    with pytest.raises(ConfigError, match="expected 'deepseek_v3', 'deepseek_v32', 'deepseek_v2' or 'kimi_k2'"):
         ModelArgs.from_hf_config({**_cfg("DeepSeek-V3"), "model_type": "qwen3_moe"})
 
 

@@ -6,6 +6,7 @@ docstring of `dsv3/cli/train.py` (what `dsv3 train --help` shows), kept there so
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -124,6 +125,25 @@ def losses(model, tokens, mtp_lambda: float):
     return ce + mtp_lambda * mtp_ce, ce, mtp_ce
 
 
+def train_step(model, opt, stats: RouterStats, batch: torch.Tensor, *, mtp_lambda: float, grad_clip: float,
+               bias_gamma: float, autocast=None):
+    """One optimizer step on `batch` (b, s + 1): loss (+ the balance loss when α > 0), backward, clip, AdamW,
+    then the aux-loss-free bias update from this step's expert counts. Returns (main CE, MTP CE or None, grad norm).
+    `autocast` (a context manager) wraps the forward only."""
+
+    stats.reset()
+    with autocast or contextlib.nullcontext():
+        total, ce, mtp_ce = losses(model, batch, mtp_lambda)
+        if stats.balance_loss is not None:
+            total = total + stats.balance_loss
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    stats.update_bias(bias_gamma)
+    return ce, mtp_ce, gnorm
+
+
 def evaluate(model, windows, batch_size: int = 8) -> dict[str, float]:
     """Held-out next-token loss/perplexity/accuracy and MTP depth-1 loss/accuracy over (n, s + 1) windows."""
 
@@ -240,16 +260,8 @@ def _step(ns, run: _Run, step: int, t_begin: float) -> dict:
     for g in opt.param_groups:
         g["lr"] = lr
     batch = data.random_windows(run.train_ids, ns.batch_size, ns.seq_len + 1, run.gen)
-    stats.reset()
-    with run.autocast:
-        total, ce, mtp_ce = losses(model, batch, ns.mtp_lambda)
-        if stats.balance_loss is not None:
-            total = total + stats.balance_loss
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ns.grad_clip)
-    opt.step()
-    stats.update_bias(ns.bias_gamma)
+    ce, mtp_ce, gnorm = train_step(model, opt, stats, batch, mtp_lambda=ns.mtp_lambda, grad_clip=ns.grad_clip,
+                                   bias_gamma=ns.bias_gamma, autocast=run.autocast)
     step += 1
     dt = time.perf_counter() - t0
     bal = stats.balance_loss

@@ -92,6 +92,30 @@ def test_bias_update_balances_a_skewed_gate():
     assert torch.equal(gate.weight, w_before)  # only the bias moved (no gradient involved)
 
 
+def test_train_step_updates_weights_by_adamw_and_biases_by_the_counts_of_its_forward():
+    model = tr.build_model(ModelArgs.preset("tiny"), seed=0)
+    batch = torch.randint(0, model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    gates = {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
+    counts = {}  # the reference: route the same tokens with the pre-step weights, outside the trainer
+    hooks = [g.register_forward_hook(lambda g, i, o, n=n: counts.__setitem__(n, torch.bincount(
+        o[1].flatten(), minlength=g.weight.shape[0]))) for n, g in gates.items()]
+    with torch.no_grad():
+        model.forward_mtp(batch[:, :-1])
+    for h in hooks:
+        h.remove()
+    before = {n: g.bias.clone() for n, g in gates.items()}
+    w_before = model.layers[0].attn.wq_a.weight.detach().clone()
+    stats = tr.RouterStats(model)
+    opt = tr.make_optimizer(model, 1e-3, 0.1)
+    ce, mtp_ce, gnorm = tr.train_step(model, opt, stats, batch, mtp_lambda=0.3, grad_clip=1.0, bias_gamma=0.25)
+    stats.close()
+    assert math.isfinite(float(ce)) and math.isfinite(float(mtp_ce)) and float(gnorm) > 0
+    for n, g in gates.items():
+        c = counts[n].double()
+        torch.testing.assert_close(g.bias - before[n], 0.25 * torch.sign(c.mean() - c).float(), rtol=0, atol=1e-7)
+    assert not torch.equal(model.layers[0].attn.wq_a.weight, w_before)  # AdamW moved the weights
+
+
 def test_sequence_balance_loss_matches_the_report_formula():
     args = ModelArgs.preset("tiny")
     torch.manual_seed(0)

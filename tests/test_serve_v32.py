@@ -39,17 +39,20 @@ def _requests(n: int, vocab: int) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
-def _serve(model, reqs) -> dict[str, list[int]]:
+def _serve(model, reqs, eng: Engine | None = None, first: int = 0) -> dict[str, list[int]]:
+    """Greedy tokens per request id, all requests added at once (ids r{first}..); every one ran concurrently."""
     # 4-token blocks and 8-token chunks: every prompt (>= 12 tokens) prefills over several steps and blocks
-    eng = Engine(model, EngineConfig(block_size=4, n_blocks=200, max_batch=10, prefill_chunk=8, max_queue=32))
-    for i, (p, m) in enumerate(reqs):
+    eng = eng or Engine(model, EngineConfig(block_size=4, n_blocks=200, max_batch=10, prefill_chunk=8, max_queue=32))
+    for i, (p, m) in enumerate(reqs, first):
         eng.add(Request(f"r{i}", p, SamplingParams(max_tokens=m)))
-    out = {f"r{i}": [] for i in range(len(reqs))}
+    out, peak = {f"r{i}": [] for i in range(first, first + len(reqs))}, 0
     while eng.has_work():
-        for o in eng.step():
+        outs = eng.step()
+        peak = max(peak, eng.stats()["running"] + sum(o.finished for o in outs))
+        for o in outs:
             if o.token_id is not None:
                 out[o.request_id].append(o.token_id)
-    assert eng.stats()["blocks_used"] == 0
+    assert peak == len(reqs) and eng.stats()["blocks_used"] == 0
     return out
 
 
@@ -85,6 +88,23 @@ def test_serving_without_the_indexer_would_differ(v32):
         for blk, ix in zip(model.layers, kept):
             blk.attn.indexer = ix
     assert sum(dense[f"r{i}"] != w for i, w in enumerate(want)) >= len(want) // 2  # measured: 10 of 10
+
+
+def test_shared_prefix_blocks_carry_their_indexer_keys(v32):
+    """Prefix sharing: later prompts reuse the head's blocks (latents and indexer keys) without prefilling them."""
+    _, model = v32
+    (head, _), *_ = _requests(1, model.args.vocab_size)
+    rng = random.Random(2)
+    later = [(head + [rng.randrange(model.args.vocab_size) for _ in range(n)], 5) for n in (1, 3, 7)]
+    eng = Engine(model, EngineConfig(block_size=4, n_blocks=100, max_batch=4, prefill_chunk=8, prefix_sharing=True))
+    got = _serve(model, [(head, 5)], eng)
+    prefilled, real = [], eng.step
+    eng.step = lambda: (real(), prefilled.append(eng.stats()["prefill_tokens"]))[0]
+    got |= _serve(model, later, eng, first=1)
+    # each later prompt shares the head's full 4-token blocks (its last token is always computed)
+    assert sum(len(p) for p, _ in later) - sum(prefilled) == 3 * 4 * ((len(head) - 1) // 4)
+    for i, (p, m) in enumerate([(head, 5), *later]):
+        assert got[f"r{i}"] == generate(model, [p], m)[0], f"request {i}"
 
 
 def test_cache_holds_and_counts_the_indexer_keys(v32):

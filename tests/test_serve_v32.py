@@ -11,6 +11,7 @@ indexer dropped (the dense attention the runner ran before) must not; and one re
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from dsv3.checkpoint import load_model
 from dsv3.generation import generate
 from dsv3.serve.cache import PagedCache, block_bytes
 from dsv3.serve.engine import Engine, EngineConfig, Request, SamplingParams
-from dsv3.testing import tiny_v32_args, write_checkpoint
+from dsv3.testing import tiny_v32_args, write_checkpoint, write_tiny_checkpoint
 from dsv3.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -143,3 +144,27 @@ def test_one_request_over_http_with_the_openai_client(v32):
         srv.stop()
     assert res.choices[0].text == tok.decode([t for t in want if t != tok.eos_id])
     assert res.usage.completion_tokens == len(want) and res.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_ranks_serve_v32_as_one_process(tmp_path):
+    """`dsv3 serve --ckpt` of a V3.2 checkpoint under torchrun x2 (gloo): the replicated indexer selects alike on
+    both ranks, and --cache-gb is sized with the indexer keys counted."""
+    import httpx
+    from test_serve_cli import start, stop  # tests/ is on sys.path under pytest
+
+    ckpt = write_tiny_checkpoint(tmp_path / "v32", v32=True)
+    model = load_model(ckpt, dtype=torch.float32)
+    prompts = [list(range(3, 3 + n * 7, 7)) for n in (9, 17)]  # 9 and 17 tokens > index_topk (6)
+    want = [generate(model, [p], 6)[0] for p in prompts]
+    proc, url, _ = start([sys.executable, "-m", "dsv3.launch", "--standalone", "--nproc-per-node=2", "-m",
+                          "dsv3.cli", "serve", "--ckpt", str(ckpt), "--port", "0", "--cache-gb", "0.01",
+                          "--prefill-chunk", "5"])
+    try:
+        got = [httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": p, "max_tokens": 6, "temperature": 0, "return_token_ids": True}).json()["choices"][0]["token_ids"]
+            for p in prompts]
+    finally:
+        stop(proc)
+    assert got == want

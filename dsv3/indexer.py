@@ -135,7 +135,7 @@ class Indexer(nn.Module):
         """The selection for queries at positions start_pos .. start_pos + s - 1 (x (b s m), qr (b s q));
         with a cache (dsv3.mla.MLACache) this step's keys are stored by position and all cached ones scored."""
         q, k, w = self.project(x, qr, cos, sin)
-        q, keys = self._keys(q, k, None if cache is None else lambda **new: cache.write(start_pos, **new))
+        q, keys = self.keys(q, k, None if cache is None else lambda **new: cache.write(start_pos, **new))
         q_pos = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
         return self.select(self.scores(q, w, keys), q_pos)
 
@@ -144,12 +144,14 @@ class Indexer(nn.Module):
         """One decode step at position pos, a (1,) long tensor, over the whole fixed-length cache
         (dsv3.decode_step): every shape is fixed by the cache; slots after pos are never chosen."""
         q, k, w = self.project(x, qr, cos, sin)
-        q, keys = self._keys(q, k, lambda **new: cache.write_at(pos, **new))
+        q, keys = self.keys(q, k, lambda **new: cache.write_at(pos, **new))
         return self.select(self.scores(q, w, keys), pos)
 
-    def _keys(self, q: torch.Tensor, k: torch.Tensor, write) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self, q: torch.Tensor, k: torch.Tensor, write) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries, all keys so far) as scored: k stored through `write` (None: no cache); with index_fp8
-        both Hadamard-rotated and FP8 round-tripped, the keys cached as FP8 + scales."""
+        both Hadamard-rotated and FP8 round-tripped, the keys cached as FP8 + scales. `write(ik=..[, ik_s=..])`
+        stores the new keys and returns every cached key of the sequence in the same order (dsv3.serve's paged
+        cache passes its own: a slot write and a block-table gather)."""
         if not self.fp8:
             return q, (k if write is None else write(ik=k)["ik"])
         bs, fmt = self.block_size, self.scale_fmt

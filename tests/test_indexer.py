@@ -120,7 +120,7 @@ def test_fp8_scores_follow_the_demo(scale_fmt):
     cos, sin = rope_cos_sin(args, torch.arange(x.shape[1]))
     with torch.no_grad():
         q, k, w = ix.project(x, qr, cos, sin)
-        q8, k8 = ix._keys(q, k, None)
+        q8, k8 = ix.keys(q, k, None)
         got = ix.scores(q8, w, k8).double()
         exact = ix.scores(q, w, k).double()
     qd, kd = hadamard(q.double()), hadamard(k.double())

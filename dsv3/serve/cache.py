@@ -8,13 +8,18 @@ handed out as a sequence grows and come back when it finishes or is aborted; `re
 admit a request only while the blocks it could ever need are still unpromised, so a running sequence never
 runs out (no preemption).
 
+DeepSeek-V3.2 (an indexer per layer, `index_n_heads` > 0): each layer also pools the lightning indexer's one
+key per token, `ik[i]["ik"]` (N·B, i) in the cache dtype -- or, with `index_fp8`, FP8 e4m3 plus its float32
+block scales `ik[i]["ik_s"]` (N·B, ceil(i / block_size)), DeepSeek's 128 B + 4 B per token -- in the same rows
+(same block tables, same slots), and `block_bytes` counts them, so --cache-gb sizes the whole cache.
+
 Prefix sharing: a full block is named by the hash of its tokens and of the blocks before it (`chain_hashes`),
 so identical prompt heads map to the same names. A later sequence whose prompt starts with registered blocks
 takes them as they are (reference-counted, never written again: a sequence only writes past what it shares)
 and skips their prefill. A block no sequence holds any more keeps its contents and name as long as it can:
 it counts as free, and is evicted (least recently released first) only when no never-named block is left.
 
-Axes: c kv latent, r rope dim; N blocks, B rows per block (the legend's letters where they exist).
+Axes: c kv latent, r rope dim, i index_head_dim; N blocks, B rows per block (the legend's letters where they exist).
 """
 
 from __future__ import annotations
@@ -27,11 +32,24 @@ import torch
 from dsv3.errors import ResourceError, UsageError
 
 
+def index_key_shapes(args, dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+    """Per token and layer, the indexer-key rows a V3.2 cache holds (name -> (width, dtype)); {} without an
+    indexer. The layout of `Indexer.new_cache`: `ik` in the cache dtype, or FP8 `ik` + float32 scales `ik_s`."""
+    if not args.index_n_heads:
+        return {}
+    if not args.index_fp8:
+        return {"ik": (args.index_head_dim, dtype)}
+    return {"ik": (args.index_head_dim, torch.float8_e4m3fn),
+            "ik_s": (-(-args.index_head_dim // args.block_size), torch.float32)}
+
+
 def block_bytes(model, block_size: int, dtype: torch.dtype | None = None) -> int:
-    """Bytes one block takes across every layer: B rows of (c + r) values per layer."""
-    args = model.args
-    elem = torch.empty(0, dtype=dtype or model.dtype).element_size()
-    return len(model.layers) * block_size * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
+    """Bytes one block takes across every layer: B rows of (c + r) values per layer, plus V3.2's indexer keys."""
+    args, dtype = model.args, dtype or model.dtype
+    elem = torch.empty(0, dtype=dtype).element_size()
+    row = (args.kv_lora_rank + args.qk_rope_head_dim) * elem
+    row += sum(w * torch.empty(0, dtype=dt).element_size() for w, dt in index_key_shapes(args, dtype).values())
+    return len(model.layers) * block_size * row
 
 
 def blocks_for(model, cache_gb: float, block_size: int, dtype: torch.dtype | None = None) -> int:
@@ -45,7 +63,8 @@ def blocks_for(model, cache_gb: float, block_size: int, dtype: torch.dtype | Non
 
 
 class PagedCache:
-    """Every layer's pools (`kv[i]` (N·B, c), `pe[i]` (N·B, r)) and the free list of block ids."""
+    """Every layer's pools (`kv[i]` (N·B, c), `pe[i]` (N·B, r), V3.2's `ik[i]` {name: (N·B, width)}, else {})
+    and the free list of block ids."""
 
     def __init__(self, model, n_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         if n_blocks < 1 or block_size < 1:
@@ -55,6 +74,9 @@ class PagedCache:
         self.block_size, self.n_blocks = block_size, n_blocks
         self.kv = [torch.zeros(rows, args.kv_lora_rank, dtype=dtype, device=model.device) for _ in model.layers]
         self.pe = [torch.zeros(rows, args.qk_rope_head_dim, dtype=dtype, device=model.device) for _ in model.layers]
+        shapes = index_key_shapes(args, dtype)
+        self.ik = [{n: torch.zeros(rows, w, dtype=dt, device=model.device) for n, (w, dt) in shapes.items()}
+                   for _ in model.layers]
         self.free = list(range(n_blocks - 1, -1, -1))  # a stack: the lowest id is handed out first
         self.reserved = 0  # blocks promised to admitted sequences but not handed out yet
         self.refs = [0] * n_blocks  # sequences holding each block
@@ -145,4 +167,5 @@ class PagedCache:
         return (blocks * self.block_size + pos % self.block_size).to(self.kv[0].device)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+        pools = self.kv + self.pe + [t for layer in self.ik for t in layer.values()]
+        return sum(t.numel() * t.element_size() for t in pools)

@@ -5,7 +5,11 @@ every sequence, one after another): embedding, norms, MLP/MoE, `wo` and the head
 Attention goes through MLA's public pieces: `MLA.project` gives the queries, latents and rotary keys of the n
 tokens (each rotated at its own position); the latents are written into the paged pools at their slots; then,
 sequence by sequence, `MLA.attend_latent` attends its queries against the rows its block table gathers, with
-the causal mask of a chunk starting at that sequence's position. Under tensor parallelism the collectives
+the causal mask of a chunk starting at that sequence's position. DeepSeek-V3.2 (an indexer per layer): the
+indexer projects the n tokens too, each sequence's new keys go into the indexer pool at its slots
+(`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table gathers,
+and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads only
+those latent rows -- the arithmetic of `Indexer.forward` over a contiguous cache. Under tensor parallelism the collectives
 are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
 module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs this code unchanged.
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from dsv3.indexer import Selection
 from dsv3.mla import causal_mask
 from dsv3.serve.cache import PagedCache
 
@@ -60,19 +65,43 @@ class PagedRunner:
         return model.head(model.norm(x)[:, last]).float()[0]
 
     def _attention(self, attn, x, layer: int, cos, sin, slots, bounds) -> torch.Tensor:
-        q_nope, q_pe, kv, k_pe = attn.project(x, cos, sin)  # (1 n h d), (1 n h r), (1 n c), (1 n r)
+        qr = attn.q_latent(x)  # (1 n q), None without q-LoRA; V3.2's indexer reads it too
+        q_nope, q_pe, kv, k_pe = attn.project(x, cos, sin, qr)  # (1 n h d), (1 n h r), (1 n c), (1 n r)
         kv_pool, pe_pool = self.cache.kv[layer], self.cache.pe[layer]
         kv_pool.index_copy_(0, slots, kv[0].to(kv_pool.dtype))
         pe_pool.index_copy_(0, slots, k_pe[0].to(pe_pool.dtype))
         wkv_b = attn.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
+        index = None if attn.indexer is None else attn.indexer.project(x, qr, cos, sin)  # (1 n h i), (1 n i), (1 n h)
         outs = []
         for a, e, start, rows in bounds:
             s = e - a
             mask = causal_mask(start, s, x.device) if s > 1 else None
+            sel = None if index is None else self._select(attn.indexer, index, layer, a, e, start, rows)
             outs.append(attn.attend_latent(q_nope[:, a:e], q_pe[:, a:e], kv_pool[rows][None], pe_pool[rows][None],
-                                           wkv_b, mask))  # (1 s h d)
+                                           wkv_b, mask, sel))  # (1 s h d)
         out = attn.wo(rearrange(torch.cat(outs, dim=1), "b n h d -> b n (h d)"))
         return run_forward_hooks(attn, x, out)
+
+    def _select(self, indexer, index, layer: int, a: int, e: int, start: int, rows: torch.Tensor) -> Selection:
+        """V3.2: the keys the chunk at packed tokens [a, e) (positions start ..) attends to, among the `rows`
+        (t,) its block table gathers; its new indexer keys are stored at its slots (rows[start:]) first."""
+        q, k, w = index
+        pools = self.cache.ik[layer]
+
+        def write(**new: torch.Tensor) -> dict[str, torch.Tensor]:
+            for name, val in new.items():
+                _bits(pools[name]).index_copy_(0, rows[start:], _bits(val[0].to(pools[name].dtype)))
+            # (1 t i): every key of this sequence
+            return {name: _bits(pools[name])[rows].view(pools[name].dtype)[None] for name in new}
+
+        q_s, keys = indexer.keys(q[:, a:e], k[:, a:e], write)
+        q_pos = torch.arange(start, start + e - a, device=q.device)
+        return indexer.select(indexer.scores(q_s, w[:, a:e], keys), q_pos)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or its bytes for FP8 (torch's CPU index_copy_ and gathers have no FP8 kernels; bytes move alike)."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 def run_forward_hooks(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

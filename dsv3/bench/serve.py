@@ -68,15 +68,16 @@ def free_port() -> int:
 def server_command(engine: str, ckpt: str, port: int, ns) -> list[str]:
     """The command line that starts `engine` on 127.0.0.1:`port` (same checkpoint, dtype and threads)."""
     if engine == "dsv3":
-        return [sys.executable, "-m", "dsv3.cli", "serve", ckpt, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", ns.dtype, "--max-batch", str(ns.max_batch), "--cache-gb", str(ns.cache_gb)]
+        return [sys.executable, "-m", "dsv3.cli", "serve", "--ckpt", ckpt, "--host", "127.0.0.1", "--port", str(port),
+                "--device", "cpu", "--dtype", ns.dtype, "--max-batch", str(ns.max_batch), "--cache-gb", str(ns.cache_gb)]
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", ckpt, "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--dtype", ns.dtype]
     return cmd + (["--continuous-batching"] if ns.transformers_cb != "off" else [])
 
 
 class Server:
-    """A server in a fresh subprocess (its own process group), ready once /v1/models answers."""
+    """A server in a fresh subprocess (its own process group), ready once /v1/models answers (`model`: the
+    id it lists, which the requests name)."""
 
     def __init__(self, engine: str, ckpt: str, ns):
         self.engine, self.port, self.log = engine, free_port(), b""
@@ -84,7 +85,7 @@ class Server:
                    TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen(server_command(engine, ckpt, self.port, ns), env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self.model = ckpt
+        self.model = None
         try:
             self._wait(ns.startup_timeout)
         except BaseException:
@@ -100,9 +101,11 @@ class Server:
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 c.request("GET", "/v1/models")
-                ok = c.getresponse().status == 200
+                r = c.getresponse()
+                body = r.read()
                 c.close()
-                if ok:
+                if r.status == 200:
+                    self.model = json.loads(body)["data"][0]["id"]
                     return
             except OSError:
                 pass
@@ -216,53 +219,51 @@ def check_args(ns) -> list[str]:
     return engines
 
 
-def greedy_check(ckpt: Path, engines: list[str], prompt: str, ns) -> dict:
-    """Each engine's greedy text for one prompt (a fresh server each); NumericalError when they differ.
+def start_checked(e: str, ckpt: Path, prompt: str, ns, check: dict) -> Server:
+    """A fresh server for engine `e`; on its first start, its greedy tokens for `prompt` go into `check` and must
+    equal the engines' before it (NumericalError otherwise, unless --no-check), before it is timed.
 
-    With `--transformers-cb auto`, transformers runs with --continuous-batching first; when that server fails
-    the request, the failure is recorded and transformers runs without it from then on."""
-    texts, cb_error = {}, None
-    for e in engines:
+    With `--transformers-cb auto`, transformers starts with --continuous-batching; when that server fails the
+    request, the failure is recorded in `check` and transformers runs without it from then on."""
+    while True:
         srv = Server(e, str(ckpt), ns)
+        if e in check["texts"]:
+            return srv
         try:
-            texts[e] = stream_completion(srv.port, srv.model, prompt, ns.max_tokens)["text"].split()
+            check["texts"][e] = stream_completion(srv.port, srv.model, prompt, ns.max_tokens)["text"].split()
+            break
         except ResourceError as err:
+            srv.stop()
             if e != "transformers" or ns.transformers_cb != "auto":
                 raise
-            cb_error = str(err)
-        finally:
+            check["transformers_cb_error"], ns.transformers_cb = str(err), "off"
+    first_engine = next(iter(check["texts"]))
+    first, mine = check["texts"][first_engine], check["texts"][e]
+    if mine != first:
+        check["match"] = False
+        if not ns.no_check:
             srv.stop()
-        if cb_error is not None and e not in texts:
-            ns.transformers_cb = "off"
-            srv = Server(e, str(ckpt), ns)
-            try:
-                texts[e] = stream_completion(srv.port, srv.model, prompt, ns.max_tokens)["text"].split()
-            finally:
-                srv.stop()
-    first = texts[engines[0]]
-    match = all(texts[e] == first for e in engines)
-    for e in engines[1:]:
-        if texts[e] != first and not ns.no_check:
-            at = next((i for i, (a, b) in enumerate(zip(first, texts[e])) if a != b), min(len(first), len(texts[e])))
-            raise NumericalError(f"greedy tokens differ between {engines[0]} and {e} at token {at}: "
-                             f"{' '.join(first[:at + 3])!r} vs {' '.join(texts[e][:at + 3])!r} (--no-check to time anyway)")
-    return {"prompt": prompt, "tokens": first, "engines": engines, "match": match, "transformers_cb_error": cb_error}
+            at = next((i for i, (x, y) in enumerate(zip(first, mine)) if x != y), min(len(first), len(mine)))
+            raise NumericalError(f"greedy tokens differ between {first_engine} and {e} at token {at}: "
+                                 f"{' '.join(first[:at + 3])!r} vs {' '.join(mine[:at + 3])!r} (--no-check to time anyway)")
+    return srv
 
 
-def measure(ckpt: Path, engines: list[str], prompts: list[str], ns) -> dict[str, dict[int, list[dict]]]:
-    """runs[engine][concurrency] = one summary per repeat; each repeat starts each engine's server afresh,
-    engines alternating, and walks every concurrency after a warm-up request."""
+def measure(ckpt: Path, engines: list[str], prompts: list[str], ns) -> tuple[dict, dict]:
+    """runs[engine][concurrency] = one summary per repeat, and the greedy check. Each repeat starts each engine's
+    server afresh, engines alternating, and walks every concurrency after a warm-up request."""
+    check = {"prompt": prompts[0], "texts": {}, "match": True, "transformers_cb_error": None}
     runs = {e: {c: [] for c in ns.concurrency} for e in engines}
     for _ in range(ns.repeats):
         for e in engines:
-            srv = Server(e, str(ckpt), ns)
+            srv = start_checked(e, ckpt, prompts[0], ns, check)
             try:
-                stream_completion(srv.port, srv.model, prompts[0], 2)  # warm-up: lazy init, first allocation
+                stream_completion(srv.port, srv.model, prompts[-1], 2)  # warm-up: lazy init, first allocation
                 for c in ns.concurrency:
                     runs[e][c].append(run_load(srv.port, srv.model, prompts[:c * ns.rounds], c, ns.max_tokens))
             finally:
                 srv.stop()
-    return runs
+    return runs, check
 
 
 def run(ns) -> int:
@@ -275,8 +276,7 @@ def run(ns) -> int:
         raise UsageError(f"--prompt-len {ns.prompt_len} + --max-tokens {ns.max_tokens} exceeds the checkpoint's "
                          f"context of {args.max_seq_len} tokens")
     prompts = prompt_set(max(ns.concurrency) * ns.rounds, ns.prompt_len, args.vocab_size)
-    check = greedy_check(ckpt, engines, prompts[0], ns)
-    runs = measure(ckpt, engines, prompts, ns)
+    runs, check = measure(ckpt, engines, prompts, ns)
     rows = []
     for e in engines:
         for c in ns.concurrency:
@@ -284,7 +284,8 @@ def run(ns) -> int:
             rows.append({"engine": e, "concurrency": c, "repeats": len(runs[e][c]),
                          **{k: statistics.median(r[k] for r in runs[e][c]) for k in keys}})
     result = {"ckpt": str(ckpt), "dtype": ns.dtype, "threads": ns.threads, "prompt_len": ns.prompt_len,
-              "max_tokens": ns.max_tokens, "rounds": ns.rounds, "transformers_cb": ns.transformers_cb,
+              "max_tokens": ns.max_tokens, "rounds": ns.rounds,
+              "transformers_continuous_batching": ns.transformers_cb != "off",
               "greedy_check": check, "rows": rows, "ratios": ratios(rows), "machine": machine_info()}
     if ns.json:
         print(json.dumps(result))
@@ -314,8 +315,9 @@ def print_table(res: dict) -> None:
     if g["transformers_cb_error"]:
         print(f"transformers serve --continuous-batching failed on this model, so transformers ran without it: "
               f"{g['transformers_cb_error'][:300]}")
-    print(f"greedy check ({', '.join(g['engines'])}): " + (f"the same {len(g['tokens'])} tokens" if g["match"]
-                                                            else "TOKENS DIFFER (--no-check)"))
+    n = len(next(iter(g["texts"].values())))
+    print(f"greedy check ({', '.join(g['texts'])}, one prompt): " + (f"the same {n} tokens" if g["match"]
+                                                                     else "TOKENS DIFFER (--no-check)"))
     hdr = f"{'engine':<14}{'conc':>5}{'tok/s':>9}" + "".join(f"{'TTFT p' + str(q):>11}" for q in PERCENTILES) + \
           "".join(f"{'ITL p' + str(q):>10}" for q in PERCENTILES) + "   (ms)"
     print(hdr)

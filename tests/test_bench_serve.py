@@ -1,0 +1,61 @@
+"""`dsv3 bench serve` end to end on the tiny preset: the structure and consistency of what it reports (never its
+speed), its greedy check against `dsv3.generate` of the checkpoint, and its argument errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsv3.bench.serve import percentile
+from dsv3.testing import run_cli
+
+
+@pytest.mark.slow
+def test_bench_serve_tiny_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3_BENCH_DIR", str(tmp_path))
+    r = run_cli("bench", "serve", "--preset", "tiny", "--concurrency", "1,3", "--rounds", "2", "--prompt-len", "8",
+                "--max-tokens", "5", "--repeats", "1", "--transformers-cb", "off", "--cache-gb", "0.01", "--json",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {(row["engine"], row["concurrency"]): row for row in res["rows"]}
+    assert set(rows) == {(e, c) for e in ("dsv3", "transformers") for c in (1, 3)}
+    for (_, c), row in rows.items():
+        assert row["requests"] == 2 * c and row["repeats"] == 1
+        assert row["output_tokens"] == 2 * c * 5  # no end-of-sequence token: every reply runs to max_tokens
+        assert row["output_tok_s"] == pytest.approx(row["output_tokens"] / row["wall_s"])
+        for kind in ("ttft", "itl"):
+            p50, p90, p99 = (row[f"{kind}_p{q}_ms"] for q in (50, 90, 99))
+            assert 0 < p50 <= p90 <= p99
+        assert row["ttft_p99_ms"] <= 1e3 * row["wall_s"]
+    for x in res["ratios"]:
+        c = x["concurrency"]
+        assert x["throughput_x"] == pytest.approx(rows["dsv3", c]["output_tok_s"] / rows["transformers", c]["output_tok_s"])
+        assert x["ttft_p50_x"] == pytest.approx(rows["dsv3", c]["ttft_p50_ms"] / rows["transformers", c]["ttft_p50_ms"])
+    # the greedy check: both servers gave the same words, and they are the ids dsv3.generate gives in process
+    check = res["greedy_check"]
+    assert check["match"] and set(check["texts"]) == {"dsv3", "transformers"}
+    from dsv3.checkpoint import load_model
+    from dsv3.generation import generate
+
+    model = load_model(res["ckpt"], dtype=torch.float32)
+    prompt = [int(w[1:]) for w in check["prompt"].split()]
+    assert len(prompt) == 8
+    assert [int(w[1:]) for w in check["texts"]["dsv3"]] == generate(model, [prompt], 5)[0]
+    assert res["transformers_continuous_batching"] is False
+
+
+def test_percentile_matches_numpy():
+    xs = [5.0, 1.0, 9.0, 2.5, 7.0, 3.0, 8.5]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+@pytest.mark.parametrize("argv,named", [(["--engines", "vllm"], "--engines"),
+                                        (["--prompt-len", "250", "--max-tokens", "10"], "--prompt-len")])
+def test_bench_serve_bad_arguments(tmp_path, monkeypatch, argv, named):
+    monkeypatch.setenv("DSV3_BENCH_DIR", str(tmp_path))
+    r = run_cli("bench", "serve", "--preset", "tiny", *argv)
+    assert r.returncode == 2
+    assert named in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

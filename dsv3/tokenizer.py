@@ -119,8 +119,8 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def stream(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
@@ -168,12 +168,13 @@ def compile_template(source: str):
 class StreamDecoder:
     """Turns ids arriving one at a time into text pieces, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
         self.tok, self.ids, self.emitted = tokenizer, [], ""
+        self.skip = skip_special_tokens  # False keeps the markers a chat format parses (dsv3.chat_format)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
         piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
@@ -182,7 +183,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the end decodes as U+FFFD)."""
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
         piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         self.emitted = text
         return piece

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv3
 from dsv3 import checkpoint as ck
+from dsv3.chat_format import chat_format_for
 from dsv3.cli import main
 from dsv3.testing import run_cli
 from dsv3.tokenizer import Tokenizer
@@ -141,8 +142,7 @@ def test_chat_multi_turn_clear_exit(fp8_ckpt):
     model = dsv3.load_model(fp8_ckpt)
 
     def reply(messages):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return tok.decode(dsv3.generate(model, [ids], 6, eos_id=tok.eos_id)[0])
+        return chat_reply(tok, model, messages, 6)
 
     m = [{"role": "user", "content": "Hello, how are you?"}]
     r1 = reply(m)
@@ -156,10 +156,17 @@ def test_chat_with_system_prompt(fp8_ckpt):
     r = run_cli("chat", "--ckpt", fp8_ckpt, "--max-new-tokens", "4", "--system", "Be brief.", input="Hi\n")
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.from_dir(fp8_ckpt)
-    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                                  tokenize=True)
-    want = tok.decode(dsv3.generate(dsv3.load_model(fp8_ckpt), [ids], 4, eos_id=tok.eos_id)[0])
+    want = chat_reply(tok, dsv3.load_model(fp8_ckpt),
+                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], 4)
     assert r.stdout == want + "\n"
+
+
+def chat_reply(tok, model, messages, n, **sampling):
+    """What `dsv3 chat` prints for one turn: the library's tokens for the chat format's prompt, parsed."""
+    fmt = chat_format_for(tok)
+    ids = tok.encode(fmt.render(messages), add_bos=False)
+    new = dsv3.generate(model, [ids], n, eos_id=tok.eos_id, **sampling)[0]
+    return fmt.parse(tok.decode(new, skip_special_tokens=False)).content
 
 
 def test_chat_needs_a_tokenizer(capsys):

@@ -10,6 +10,7 @@ import json
 import pytest
 
 import dsv3
+from dsv3.chat_format import chat_format_for
 from dsv3.cli import common as fe
 from dsv3.cli import generate as gen
 from dsv3.errors import UsageError
@@ -142,17 +143,17 @@ def test_chat_script_blank_lines_eof_and_a_full_conversation(fp8_ckpt):
     max_seq_len is refused with a notice on stderr while the conversation so far is kept."""
     tok = Tokenizer.from_dir(fp8_ckpt)
     model = dsv3.load_model(fp8_ckpt)
+    fmt = chat_format_for(tok)
     first = [{"role": "user", "content": "Hi"}]
-    ids = tok.apply_chat_template(first, add_generation_prompt=True, tokenize=True)
-    r1 = tok.decode(dsv3.generate(model, [ids], 3, eos_id=tok.eos_id)[0])
+    r1 = chat_reply(tok, model, first, 3)
     long = " ".join(["word"] * 200)
     convo = first + [{"role": "assistant", "content": r1}, {"role": "user", "content": long}]
-    assert len(tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)) > 64
+    assert len(tok.encode(fmt.render(convo), add_bos=False)) > 64
     max_len = 64
     msgs = first + [{"role": "assistant", "content": r1}, {"role": "user", "content": "Ok"}]
-    ids3 = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids3 = tok.encode(fmt.render(msgs), add_bos=False)
     assert len(ids3) < max_len
-    r3 = tok.decode(dsv3.generate(model, [ids3], min(3, max_len - len(ids3)), eos_id=tok.eos_id)[0])
+    r3 = chat_reply(tok, model, msgs, min(3, max_len - len(ids3)))
 
     r = run_cli("chat", "--ckpt", fp8_ckpt, "--max-new-tokens", "3", "--max-seq-len", str(max_len),
                 input=f"\nHi\n   \n{long}\nOk\n")
@@ -164,9 +165,8 @@ def test_chat_script_blank_lines_eof_and_a_full_conversation(fp8_ckpt):
 
 def test_chat_sampled_replies_are_the_library_s(fp8_ckpt):
     tok = Tokenizer.from_dir(fp8_ckpt)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me"}], add_generation_prompt=True, tokenize=True)
-    want = tok.decode(dsv3.generate(dsv3.load_model(fp8_ckpt), [ids], 5, eos_id=tok.eos_id, temperature=0.9,
-                                    top_k=20, seed=4)[0])
+    want = chat_reply(tok, dsv3.load_model(fp8_ckpt), [{"role": "user", "content": "Tell me"}], 5, temperature=0.9,
+                      top_k=20, seed=4)
     r = run_cli("chat", "--ckpt", fp8_ckpt, "--max-new-tokens", "5", "--temperature", "0.9", "--top-k", "20",
                 "--seed", "4", input="Tell me\n")
     assert r.returncode == 0, r.stderr
@@ -183,3 +183,11 @@ def test_generate_output_file_round_trips(fp8_ckpt, tmp_path):
     new = dsv3.generate(dsv3.load_model(fp8_ckpt), [ids], 4, eos_id=tok.eos_id)[0]
     assert [json.loads(x) for x in out.read_text().splitlines()] == [
         {"prompt": "Hello", "prompt_ids": ids, "tokens": new, "text": tok.decode(new)}]
+
+
+def chat_reply(tok, model, messages, n, **sampling):
+    """What `dsv3 chat` prints for one turn: the library's tokens for the chat format's prompt, parsed."""
+    fmt = chat_format_for(tok)
+    ids = tok.encode(fmt.render(messages), add_bos=False)
+    new = dsv3.generate(model, [ids], n, eos_id=tok.eos_id, **sampling)[0]
+    return fmt.parse(tok.decode(new, skip_special_tokens=False)).content

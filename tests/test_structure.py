@@ -147,7 +147,7 @@ LAYERS = {
     0: ("errors", "memory", "outputs", "options", "distributed"),  # support: used by every layer above
     1: ("config", "hf_config", "rope", "layers", "fp8", "kernels", "mla", "indexer", "moe", "mtp", "model"),  # the model
     2: ("names", "safetensors_io", "parallel", "checkpoint", "convert"),  # checkpoint I/O (+ the shard plan it reads by)
-    3: ("sampling", "generation", "speculative", "decode_step", "tokenizer", "chat_format", "serve",
+    3: ("sampling", "generation", "speculative", "decode_step", "tokenizer", "chat_parse", "chat_format", "serve",
         "train", "train_state", "data", "plan", "info", "testing", "bench"),  # running it
     4: ("cli", "generate", "launch"),  # the command line (and its two `python -m` entry points)
 }

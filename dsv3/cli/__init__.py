@@ -31,6 +31,7 @@ COMMANDS = {
     "plan": "dsv3.cli.plan",
     "train": "dsv3.cli.train",
     "bench": "dsv3.cli.bench",
+    "serve": "dsv3.cli.serve",
 }
 
 

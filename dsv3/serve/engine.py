@@ -205,13 +205,13 @@ class Engine:
         try:
             logits = self.runner.forward([ch for _, ch in batch])
             tokens = self._sample(batch, logits)
-        except Dsv3Error as e:
-            err, tokens = str(e), None
+        except Exception as e:  # noqa: BLE001 - under torchrun every rank must hear of it, not hang
+            if self.group is None:
+                raise
+            err, tokens = f"{type(e).__name__}: {e}" if not isinstance(e, Dsv3Error) else str(e), None
         if self.group is not None:
             distributed.agree(err, self.group)  # every rank raises when any rank failed
             tokens = distributed.broadcast_object(tokens, self.group)
-        elif err is not None:
-            raise Dsv3Error(err)
         return self._advance(batch, tokens)
 
     def _admit(self) -> None:

@@ -6,7 +6,8 @@ Attention goes through MLA's public pieces: `MLA.project` gives the queries, lat
 tokens (each rotated at its own position); the latents are written into the paged pools at their slots; then,
 sequence by sequence, `MLA.attend_latent` attends its queries against the rows its block table gathers, with
 the causal mask of a chunk starting at that sequence's position. Under tensor parallelism the collectives
-are forward hooks on these same modules (`dsv3.parallel`), so a rank runs this code unchanged.
+are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
+module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs this code unchanged.
 
 Axes: b sequences in the batch, s a sequence's new tokens, t its cached positions, n packed tokens, h heads,
 d head dim, c latent, r rope dim, m model dim, v vocab.
@@ -70,4 +71,15 @@ class PagedRunner:
             mask = causal_mask(start, s, x.device) if s > 1 else None
             outs.append(attn.attend_latent(q_nope[:, a:e], q_pe[:, a:e], kv_pool[rows][None], pe_pool[rows][None],
                                            wkv_b, mask))  # (1 s h d)
-        return attn.wo(rearrange(torch.cat(outs, dim=1), "b n h d -> b n (h d)"))
+        out = attn.wo(rearrange(torch.cat(outs, dim=1), "b n h d -> b n (h d)"))
+        return run_forward_hooks(attn, x, out)
+
+
+def run_forward_hooks(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """What calling `module` would have done after its forward: its forward hooks. dsv3.parallel adds the
+    tensor-parallel all-reduce of the attention output as a hook on the MLA module, and this runner calls the
+    module's pieces (`project`, `attend_latent`, `wo`) rather than the module, so it runs the hooks itself."""
+    for hook in module._forward_hooks.values():
+        res = hook(module, (x,), out)
+        out = out if res is None else res
+    return out

@@ -63,6 +63,7 @@ class EngineWorker:
                     self._deliver(eng.step())
                     last_beat = time.monotonic()
                 self.metrics.set_stats(eng.stats())
+            eng.close()  # under torchrun: release the other ranks (a lost rank fails here too)
         except BaseException as e:  # noqa: BLE001 - fatal: tell every open request, then the server
             self.error = e
             for sink, *_ in self.sinks.values():
@@ -71,9 +72,6 @@ class EngineWorker:
             self._fail_inbox(e)
             if self.on_fatal is not None:
                 self.on_fatal(e)
-        finally:
-            if self.error is None:
-                eng.close()
 
     def _drain(self, block: bool) -> None:
         timeout = min(self.heartbeat_s, 0.25) if block else None

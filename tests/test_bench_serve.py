@@ -59,3 +59,19 @@ def test_bench_serve_bad_arguments(tmp_path, monkeypatch, argv, named):
     r = run_cli("bench", "serve", "--preset", "tiny", *argv)
     assert r.returncode == 2
     assert named in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_serve_names_the_missing_extra(monkeypatch):
+    """Without transformers' serving packages (the base install), the command names the extra to install."""
+    import argparse
+    import importlib.util
+
+    from dsv3.bench import serve
+    from dsv3.errors import UsageError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
+    ns = argparse.Namespace(engines="dsv3,transformers", cache_gb=0.25)
+    with pytest.raises(UsageError, match=r"openai: pip install 'dsv3\[bench\]'"):
+        serve.check_args(ns)
+    assert serve.check_args(argparse.Namespace(engines="dsv3", cache_gb=0.25)) == ["dsv3"]

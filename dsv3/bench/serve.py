@@ -9,6 +9,7 @@ needs no torch. Here: the servers as fresh subprocesses, a streaming HTTP client
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import queue
@@ -29,6 +30,9 @@ from dsv3.config import ModelArgs
 from dsv3.errors import NumericalError, ResourceError, UsageError
 
 ENGINES = ("dsv3", "transformers")
+# what each server imports, and the extra that installs it
+SERVER_NEEDS = {"dsv3": (("fastapi", "uvicorn"), "serve"),
+                "transformers": (("transformers", "fastapi", "uvicorn", "openai"), "bench")}
 PERCENTILES = (50, 90, 99)
 
 
@@ -216,6 +220,12 @@ def check_args(ns) -> list[str]:
         raise UsageError(f"--engines {ns.engines!r}: expected dsv3, transformers or dsv3,transformers")
     if ns.cache_gb <= 0:
         raise UsageError(f"--cache-gb must be > 0, got {ns.cache_gb:g}")
+    for e in engines:
+        modules, extra = SERVER_NEEDS[e]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"the {e} server needs {', '.join(missing)}: pip install 'dsv3[{extra}]' "
+                             f"(or --engines without {e})")
     return engines
 
 
@@ -276,6 +286,7 @@ def run(ns) -> int:
         raise UsageError(f"--prompt-len {ns.prompt_len} + --max-tokens {ns.max_tokens} exceeds the checkpoint's "
                          f"context of {args.max_seq_len} tokens")
     prompts = prompt_set(max(ns.concurrency) * ns.rounds, ns.prompt_len, args.vocab_size)
+    machine = machine_info()  # the commit the run started from
     runs, check = measure(ckpt, engines, prompts, ns)
     rows = []
     for e in engines:
@@ -286,7 +297,7 @@ def run(ns) -> int:
     result = {"ckpt": str(ckpt), "dtype": ns.dtype, "threads": ns.threads, "prompt_len": ns.prompt_len,
               "max_tokens": ns.max_tokens, "rounds": ns.rounds,
               "transformers_continuous_batching": ns.transformers_cb != "off",
-              "greedy_check": check, "rows": rows, "ratios": ratios(rows), "machine": machine_info()}
+              "greedy_check": check, "rows": rows, "ratios": ratios(rows), "machine": machine}
     if ns.json:
         print(json.dumps(result))
     else:

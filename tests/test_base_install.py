@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "dsv3" / "assets" / "dsv3-tiny"
-EXTRAS = ("transformers", "matplotlib", "jupyterlab", "nbval", "pytest", "triton")
+EXTRAS = ("transformers", "matplotlib", "jupyterlab", "nbval", "pytest", "triton", "fastapi", "uvicorn", "openai")
 pytestmark = pytest.mark.slow
 
 
@@ -71,6 +71,14 @@ def test_help_and_generate(base):
     out = _run(base, "generate", "ROMEO:", "--max-new-tokens", "6", "--json").stdout
     assert len(json.loads(out)["tokens"][0]) == 6
     _run(base, "info", "671B")
+
+
+def test_serve_without_its_extra_says_what_to_install(base):
+    bin_, env, where = base
+    r = subprocess.run([str(bin_ / "dsv3"), "serve"], capture_output=True, text=True, env=env, cwd=where, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "pip install 'dsv3[serve]'" in r.stderr, r.stderr
 
 
 def test_chat_on_scripted_stdin(base):

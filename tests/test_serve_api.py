@@ -179,6 +179,15 @@ def test_client_leaving_mid_stream_frees_its_blocks(tiny, live):
         time.sleep(0.02)
     assert eng.stats()["blocks_used"] == 0 and eng.stats()["running"] == 0
     assert srv.served.worker.metrics.counters["dsv3_generation_tokens_total"] - before < 400  # cancelled, not run out
+    # a whole (non-streamed) reply whose client gives up waiting
+    before = srv.served.worker.metrics.counters["dsv3_generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 480}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while eng.stats()["blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert eng.stats()["blocks_used"] == 0 and eng.stats()["running"] == 0
+    assert srv.served.worker.metrics.counters["dsv3_generation_tokens_total"] - before < 480
     srv.served.eos_id = tiny[1].eos_id
 
 
@@ -205,4 +214,24 @@ def test_full_queue_answers_429(tiny, monkeypatch):
                 next(lines)
     finally:
         srv.stop()
+    assert eng.stats()["blocks_used"] == 0
+
+
+def test_stop_strings_seeds_models_and_health(tiny, live):
+    srv, eng = live
+    _, tok = tiny
+    full, _ = expected(tiny, tok.encode("ROMEO:"), 12)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full  # a visible piece of the greedy text
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0,
+                                                      "stop": [stop]}, timeout=30).json()
+    assert r["choices"][0]["text"] == full[: full.index(stop)] and r["choices"][0]["finish_reason"] == "stop"
+    sampled = {"prompt": "O, what a", "max_tokens": 10, "temperature": 1.0, "top_k": 40, "seed": 11}
+    texts = {httpx.post(srv.url + "/v1/completions", json=sampled, timeout=30).json()["choices"][0]["text"]
+             for _ in range(3)}
+    model, _ = tiny
+    want = generate(model, [tok.encode("O, what a")], 10, temperature=1.0, top_k=40, seed=11, eos_id=tok.eos_id)[0]
+    assert texts == {tok.decode([t for t in want if t != tok.eos_id])}  # the same seed, the same draws as alone
+    assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "dsv3-tiny"
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     assert eng.stats()["blocks_used"] == 0

@@ -120,3 +120,39 @@ def test_long_prompt_is_chunked_without_stalling_decodes(model):
     # 100 prompt tokens in chunks of 16 over 7 steps, and "short" got a token at every one of them
     assert seen == [(16, 1, True)] * 6 + [(4, 1, True)]
     assert eng.stats()["running"] == 2
+
+
+def test_prefix_sharing_skips_the_shared_prefill_and_changes_no_token(model):
+    rng = random.Random(5)
+    head = [rng.randrange(512) for _ in range(37)]
+    ps = [head + [rng.randrange(512) for _ in range(rng.randrange(1, 9))] for _ in range(8)] + [head[:20], head, head,
+                                                                                          head[:32], head[:32]]
+    eng = Engine(model, EngineConfig(block_size=8, n_blocks=80, max_batch=4, prefill_chunk=32, prefix_sharing=True))
+    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=5)) for i, p in enumerate(ps)]
+    prefilled, real = [], eng.step
+
+    def step():
+        outs = real()
+        prefilled.append(eng.stats()["prefill_tokens"])
+        return outs
+
+    eng.step = step
+    got = run_all(eng, reqs, first=1)
+    assert [got[r.id] for r in reqs] == [generate(model, [p], 5)[0] for p in ps]
+    # r0 and r1 start together (nothing to share yet); every later request shares the head's 4 full blocks of
+    # 8 tokens, head[:20] its first 2 and head[:32] its first 3 (a prompt's last token is always computed)
+    saved = sum(len(p) for p in ps) - sum(prefilled)
+    assert saved == 32 * (len(ps) - 5) + 16 + 2 * 24, (saved, prefilled)
+    assert eng.stats()["blocks_used"] == 0 and eng.stats()["blocks_free"] == 80
+
+
+def test_prefix_sharing_with_evictions_in_a_small_cache(model):
+    rng = random.Random(9)
+    heads = [[rng.randrange(512) for _ in range(9)] for _ in range(3)]
+    ps = [rng.choice(heads) + [rng.randrange(512) for _ in range(rng.randrange(1, 6))] for _ in range(14)]
+    eng = Engine(model, EngineConfig(block_size=4, n_blocks=14, max_batch=3, prefill_chunk=8, prefix_sharing=True))
+    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=4)) for i, p in enumerate(ps)]
+    got = run_all(eng, reqs, first=3)
+    assert [got[r.id] for r in reqs] == [generate(model, [p], 4)[0] for p in ps]
+    assert eng.stats()["blocks_used"] == 0 and eng.cache.reserved == 0
+    assert eng.cache.by_name and all(eng.cache.by_name[eng.cache.name_of[b]] == b for b in eng.cache.name_of)

@@ -11,6 +11,7 @@ every rank steps the same batch. SIGTERM or Ctrl-C drains the requests in flight
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from dsv3.cli.args import add_model_args
@@ -33,6 +34,8 @@ def add_args(p) -> None:
     p.add_argument("--prefill-chunk", type=positive, default=256, help="prompt tokens prefilled per step at most")
     p.add_argument("--max-queue", type=integer(1, 1_000_000), default=256,
                    help="requests waiting for admission before new ones get 429")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="identical prompt heads share their full cache blocks (their prefill is skipped)")
 
 
 def run(ns) -> int:
@@ -46,14 +49,20 @@ def run(ns) -> int:
 
 def main_serve(ns) -> int:
     from dsv3 import distributed
+    from dsv3.checkpoint import default_checkpoint
     from dsv3.cli.common import load
     from dsv3.serve.engine import EngineConfig
-    from dsv3.serve.server import run_server
+    from dsv3.serve.server import bind_on_rank0, run_server
 
     vars(ns).setdefault("seed", None)  # --preset builds its random weights from it
+    group = distributed.current_group()
+    sock = bind_on_rank0(ns.host, ns.port, group)
     model, tok, eos = load(ns)
     name = ns.served_model_name or (Path(ns.ckpt).resolve().name if ns.ckpt else ns.preset or "dsv3-tiny")
     cfg = EngineConfig(cache_gb=ns.cache_gb, block_size=ns.block_size, max_batch=ns.max_batch,
-                       max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, max_queue=ns.max_queue)
-    run_server(model, tok, eos, cfg, host=ns.host, port=ns.port, model_name=name, group=distributed.current_group())
+                       max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, max_queue=ns.max_queue,
+                       prefix_sharing=ns.prefix_sharing)
+    path = Path(ns.ckpt) if ns.ckpt else None if ns.preset else default_checkpoint()
+    config = json.loads((path / "config.json").read_text()) if path is not None else None
+    run_server(model, tok, eos, cfg, sock=sock, model_name=name, group=group, config=config)
     return 0

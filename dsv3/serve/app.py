@@ -15,8 +15,9 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from dsv3.errors import Dsv3Error
 from dsv3.serve import protocol as api
-from dsv3.serve.textgen import Served, admit, collect, engine_request, generate_text
+from dsv3.serve.textgen import Served, admit, collect, engine_request, generate_text, unless_client_leaves
 
 DONE = "data: [DONE]\n\n"
 
@@ -57,7 +58,7 @@ def build_app(served: Served) -> FastAPI:
         if s["stream"]:
             return StreamingResponse(stream_completion(served, req, q, model, s), media_type="text/event-stream")
         ids: list[int] = []
-        text, n, reason = await collect(served, req, q, s["stop"], ids)
+        text, n, reason = await unless_client_leaves(request, collect(served, req, q, s["stop"], ids))
         choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
         if api.field(body, "return_token_ids", (bool,), False):  # an extension (vLLM's name): the ids generated
             choice["token_ids"] = ids
@@ -72,22 +73,23 @@ def build_app(served: Served) -> FastAPI:
         messages, tools, _ = api.chat_fields(body)
         thinking = api.field(body, "thinking", (bool,), None)
         try:
-            text = served.chat_format.render(messages, tools=tools, thinking=thinking)
-        except Exception as e:  # noqa: BLE001 - a template that rejects these messages is the request's fault
-            raise api.ApiError(f"cannot render these messages with the chat template: {e}", param="messages") from None
-        prompt = served.tokenizer.encode(text, add_bos=False)
+            rendered = served.chat_format.render(messages, tools=tools, thinking=thinking)
+        except Dsv3Error as e:  # messages or tools the format cannot take
+            raise api.ApiError(str(e), param="messages") from None
+        prompt = served.tokenizer.encode(rendered, add_bos=False)
         req = engine_request(served, api.new_id("chatcmpl"), prompt, s)
         stops = s["stop"] + list(served.chat_format.stop_strings)
+        turn = dict(thinking=thinking, prompt=rendered)
         q = await admit(served, req)
         if s["stream"]:
-            return StreamingResponse(stream_chat(served, req, q, model, s, stops), media_type="text/event-stream")
-        text, n, reason = await collect(served, req, q, stops)
-        reply = served.chat_format.parse(text)
+            return StreamingResponse(stream_chat(served, req, q, model, s, stops, turn), media_type="text/event-stream")
+        text, n, reason = await unless_client_leaves(request, collect(served, req, q, stops, keep_special=True))
+        reply = served.chat_format.parse(text, **turn)
         message = {"role": "assistant", "content": reply.content}
-        if reply.reasoning_content:
+        if reply.reasoning_content is not None:
             message["reasoning_content"] = reply.reasoning_content
         if reply.tool_calls:
-            message["tool_calls"] = tool_calls(reply.tool_calls)
+            message["tool_calls"] = reply.tool_calls
             reason = "tool_calls"
         choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
         return api.envelope("chat.completion", req.id, model, [choice], api.usage(len(prompt), n))
@@ -109,25 +111,21 @@ async def stream_completion(served: Served, req, q, model: str, s: dict):
     yield DONE
 
 
-async def stream_chat(served: Served, req, q, model: str, s: dict, stops: list[str]):
+async def stream_chat(served: Served, req, q, model: str, s: dict, stops: list[str], turn: dict):
     chunk = lambda delta, reason=None: sse(api.envelope(  # noqa: E731
         "chat.completion.chunk", req.id, model, [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]))
     yield chunk({"role": "assistant", "content": ""})
-    parser, sent, n = served.chat_format.stream_parser(), {"content": "", "reasoning_content": ""}, 0
+    parser, n = served.chat_format.stream_parser(**turn), 0
     try:
         reason = None
-        async for delta, n, reason in generate_text(served, req, q, stops):  # noqa: B007 - kept: the last ones
+        async for delta, n, reason in generate_text(served, req, q, stops, keep_special=True):  # noqa: B007
             for d in parser.feed(delta) if delta else []:
-                for k, v in d.items():
-                    sent[k] += v
                 yield chunk(d)
+        for d in parser.flush():  # what the parser held back to the end
+            yield chunk(d)
         reply = parser.finish()
-        for k in ("reasoning_content", "content"):  # what the parser held back to the end
-            full = getattr(reply, k) or ""
-            if full.startswith(sent[k]) and len(full) > len(sent[k]):
-                yield chunk({k: full[len(sent[k]):]})
         if reply.tool_calls:
-            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls(reply.tool_calls))]})
+            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(reply.tool_calls)]})
             reason = "tool_calls"
         yield chunk({}, reason)
     except api.ApiError as e:
@@ -135,15 +133,3 @@ async def stream_chat(served: Served, req, q, model: str, s: dict, stops: list[s
     if s["include_usage"]:
         yield sse(api.envelope("chat.completion.chunk", req.id, model, [], api.usage(len(req.prompt), n)))
     yield DONE
-
-
-def tool_calls(calls: list) -> list[dict]:
-    """OpenAI's shape: {"id", "type": "function", "function": {"name", "arguments" (a JSON string)}}."""
-    out = []
-    for i, c in enumerate(calls):
-        c = c if isinstance(c, dict) else vars(c)
-        fn = c.get("function", c)
-        args = fn.get("arguments", {})
-        out.append({"id": c.get("id") or f"call_{i}", "type": "function",
-                    "function": {"name": fn.get("name"), "arguments": args if isinstance(args, str) else json.dumps(args)}})
-    return out

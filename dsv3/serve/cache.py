@@ -8,12 +8,19 @@ handed out as a sequence grows and come back when it finishes or is aborted; `re
 admit a request only while the blocks it could ever need are still unpromised, so a running sequence never
 runs out (no preemption).
 
+Prefix sharing: a full block is named by the hash of its tokens and of the blocks before it (`chain_hashes`),
+so identical prompt heads map to the same names. A later sequence whose prompt starts with registered blocks
+takes them as they are (reference-counted, never written again: a sequence only writes past what it shares)
+and skips their prefill. A block no sequence holds any more keeps its contents and name as long as it can:
+it counts as free, and is evicted (least recently released first) only when no never-named block is left.
+
 Axes: c kv latent, r rope dim; N blocks, B rows per block (the legend's letters where they exist).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -50,35 +57,84 @@ class PagedCache:
         self.pe = [torch.zeros(rows, args.qk_rope_head_dim, dtype=dtype, device=model.device) for _ in model.layers]
         self.free = list(range(n_blocks - 1, -1, -1))  # a stack: the lowest id is handed out first
         self.reserved = 0  # blocks promised to admitted sequences but not handed out yet
+        self.refs = [0] * n_blocks  # sequences holding each block
+        self.name_of: dict[int, int] = {}  # block -> its prefix hash (full blocks registered for sharing)
+        self.by_name: dict[int, int] = {}  # prefix hash -> block
+        self.idle: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds: free, contents kept
 
     # ------------------------------------------------------------------ accounting
     def blocks_needed(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
 
     @property
+    def n_free(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    @property
     def used(self) -> int:
-        return self.n_blocks - len(self.free)
+        return self.n_blocks - self.n_free
 
     def can_reserve(self, n_blocks: int) -> bool:
-        return len(self.free) - self.reserved >= n_blocks
+        return self.n_free - self.reserved >= n_blocks
 
     def reserve(self, n_blocks: int) -> None:
         if not self.can_reserve(n_blocks):
-            raise ResourceError(f"cannot reserve {n_blocks} blocks: {len(self.free) - self.reserved} unpromised")
+            raise ResourceError(f"cannot reserve {n_blocks} blocks: {self.n_free - self.reserved} unpromised")
         self.reserved += n_blocks
+
+    # ------------------------------------------------------------------ prefix sharing
+    def chain_hashes(self, tokens: list[int], n_blocks: int, parent: int | None = None) -> list[int]:
+        """The names of the first n_blocks full blocks of `tokens` (each hashes its tokens and the name before)."""
+        out, b = [], self.block_size
+        for i in range(n_blocks):
+            parent = hash((parent, tuple(tokens[i * b: (i + 1) * b])))
+            out.append(parent)
+        return out
+
+    def shared_prefix(self, prompt: list[int]) -> list[int]:
+        """Registered blocks spelling the head of `prompt` (the last prompt token is always left to compute)."""
+        blocks = []
+        for h in self.chain_hashes(prompt, (len(prompt) - 1) // self.block_size):
+            if h not in self.by_name:
+                break
+            blocks.append(self.by_name[h])
+        return blocks
+
+    def adopt(self, blocks: list[int]) -> None:
+        """Hold shared blocks (an idle one stops being free)."""
+        for blk in blocks:
+            self.idle.pop(blk, None)
+            self.refs[blk] += 1
+
+    def register(self, block: int, name: int) -> None:
+        """Name a full, finished block so later prompts with the same head can share it."""
+        if name not in self.by_name and block not in self.name_of:
+            self.by_name[name], self.name_of[block] = block, name
 
     # ------------------------------------------------------------------ block tables
     def grow(self, table: list[int], n_tokens: int) -> None:
         """Append blocks to `table` (taken from this sequence's reservation) until it holds n_tokens rows."""
         while len(table) * self.block_size < n_tokens:
-            if not self.free:
+            if self.free:
+                blk = self.free.pop()
+            elif self.idle:  # the least recently released named block: its name goes
+                blk, _ = self.idle.popitem(last=False)
+                del self.by_name[self.name_of.pop(blk)]
+            else:
                 raise ResourceError("paged cache exhausted (a reservation was not honoured)")
-            table.append(self.free.pop())
+            self.refs[blk] = 1
+            table.append(blk)
             self.reserved -= 1
 
     def release(self, table: list[int], unused_reservation: int = 0) -> None:
         """Give a finished or aborted sequence's blocks (and what it had promised but not taken) back."""
-        self.free.extend(reversed(table))
+        for blk in reversed(table):
+            self.refs[blk] -= 1
+            if self.refs[blk] == 0:
+                if blk in self.name_of:
+                    self.idle[blk] = None
+                else:
+                    self.free.append(blk)
         self.reserved -= unused_reservation
         table.clear()
 

@@ -5,7 +5,8 @@ full: Overloaded). Each `Engine.step`:
 
 1. admits waiting requests, oldest first, while the batch has room (`max_batch`) and the paged cache can
    still promise every block the request could ever need (prompt + max_tokens): admitted requests never run
-   out of cache, so nothing is ever preempted;
+   out of cache, so nothing is ever preempted (with `prefix_sharing`, blocks already holding the prompt's
+   head are taken as they are and their prefill skipped);
 2. builds the batch: one token for every sequence that is decoding, then prompt chunks of the sequences still
    prefilling, at most `prefill_chunk` prompt tokens in all, so a long prompt is spread over several steps
    and never stalls the running decodes;
@@ -69,6 +70,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     max_queue: int = 256
     n_blocks: int | None = None  # exact pool size (overrides cache_gb): for tests and pictures
+    prefix_sharing: bool = False  # identical prompt heads share their full blocks (cache.py)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Sequence:
     reserved: int  # blocks promised but not yet taken
     table: list[int] = field(default_factory=list)
     cached: int = 0  # positions already written to the cache
+    names: list[int] = field(default_factory=list)  # prefix hashes of its first full blocks (prefix sharing)
 
     @property
     def generated(self) -> int:
@@ -165,7 +168,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "blocks_total": self.cache.n_blocks,
-                "blocks_used": self.cache.used, "blocks_free": len(self.cache.free), **self.last}
+                "blocks_used": self.cache.used, "blocks_free": self.cache.n_free, **self.last}
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[StepOutput]:
@@ -215,11 +218,30 @@ class Engine:
         return self._advance(batch, tokens)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_batch \
-                and self.cache.can_reserve(self.waiting[0].reserved):
-            seq = self.waiting.popleft()
-            self.cache.reserve(seq.reserved)
+        cache = self.cache
+        while self.waiting and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            shared = cache.shared_prefix(seq.tokens) if self.config.prefix_sharing else []
+            need = seq.reserved - len(shared)
+            # shared blocks nobody holds count as free until adopted: the promise must cover them too
+            if not cache.can_reserve(need + sum(b in cache.idle for b in shared)):
+                return
+            self.waiting.popleft()
+            cache.adopt(shared)
+            cache.reserve(need)
+            seq.table, seq.reserved, seq.cached = list(shared), need, len(shared) * cache.block_size
+            seq.names = cache.chain_hashes(seq.tokens, len(shared))
             self.running.append(seq)
+
+    def _name_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's newly filled blocks for sharing."""
+        b, full = self.cache.block_size, seq.cached // self.cache.block_size
+        if full > len(seq.names):
+            done = len(seq.names)
+            new = self.cache.chain_hashes(seq.tokens[done * b:], full - done, seq.names[-1] if seq.names else None)
+            for i, name in enumerate(new, start=done):
+                self.cache.register(seq.table[i], name)
+            seq.names += new
 
     def _schedule(self) -> list[tuple[Sequence, Chunk]]:
         """Every decoding sequence's next token, then prompt chunks up to `prefill_chunk` tokens."""
@@ -258,6 +280,8 @@ class Engine:
         outs = []
         for (s, ch), tok in zip(batch, tokens):
             s.cached = ch.start + len(ch.tokens)
+            if self.config.prefix_sharing:
+                self._name_blocks(s)
             if tok is None:
                 outs.append(StepOutput(s.request.id, None, False, None))
                 continue

@@ -20,11 +20,11 @@ import time
 import uvicorn
 
 from dsv3 import distributed
+from dsv3.chat_format import chat_format_for
 from dsv3.errors import Dsv3Error, UsageError
 from dsv3.memory import check_fits
 from dsv3.serve.app import build_app
 from dsv3.serve.cache import block_bytes
-from dsv3.serve.chat import chat_format_for
 from dsv3.serve.engine import Engine, EngineConfig
 from dsv3.serve.textgen import Served
 from dsv3.serve.worker import EngineWorker
@@ -69,13 +69,27 @@ def drained_signals_end_quietly():
             signal.signal(sig, handler)
 
 
-def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host: str, port: int,
-               model_name: str, group=None) -> None:
-    engine = Engine(model, sized_config(model, cfg), group)
-    if distributed.rank_of(group) != 0:
+def bind_on_rank0(host: str, port: int, group) -> socket.socket | None:
+    """Rank 0's listening socket, bound before the model loads (a taken port fails in a second, not after the
+    load); every rank learns of a failure, so none goes on to wait for the others."""
+    lead = distributed.rank_of(group) == 0
+    return distributed.checked_on_every_rank(lambda: bind(host, port) if lead else None, group)
+
+
+def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, sock: socket.socket | None,
+               model_name: str, group=None, config: dict | None = None) -> None:
+    """Serve on `sock` (rank 0's, from `bind_on_rank0`) until SIGINT/SIGTERM, or follow rank 0 (the other
+    ranks). `config`: the checkpoint's config.json, naming a family whose chat format is not in its template."""
+    lead = distributed.rank_of(group) == 0
+    try:  # a cache too big for a rank is agreed on: none is left waiting in `follow` for a rank 0 that gave up
+        engine = distributed.checked_on_every_rank(lambda: Engine(model, sized_config(model, cfg), group), group)
+    except Dsv3Error:
+        if sock is not None:
+            sock.close()
+        raise
+    if not lead:
         engine.follow()
         return
-    sock = bind(host, port)
     server: uvicorn.Server | None = None
 
     def fatal(e: BaseException) -> None:
@@ -83,7 +97,7 @@ def run_server(model, tokenizer, eos_id: int | None, cfg: EngineConfig, *, host:
             server.should_exit = True
 
     worker = EngineWorker(engine, on_fatal=fatal)
-    fmt = chat_format_for(tokenizer) if tokenizer is not None else None
+    fmt = chat_format_for(tokenizer, config) if tokenizer is not None else None
     served = Served(worker, tokenizer, fmt, model_name, eos_id, engine.max_seq_len)
     config = uvicorn.Config(build_app(served), log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)

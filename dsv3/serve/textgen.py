@@ -10,6 +10,7 @@ consumer that stops early (a client gone) aborts the request, which frees its ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from dsv3.errors import Dsv3Error, Overloaded
@@ -34,8 +35,9 @@ class Served:
 class TextOut:
     """Incremental detokenization with stop strings: `push(token) -> text safe to send`, `stopped`."""
 
-    def __init__(self, tokenizer, stops: list[str]):
-        self.decoder = tokenizer.stream() if tokenizer is not None else None
+    def __init__(self, tokenizer, stops: list[str], keep_special: bool = False):
+        # a chat reply keeps special tokens: the chat format's markers (tool calls, ...) are special tokens
+        self.decoder = tokenizer.stream(skip_special_tokens=not keep_special) if tokenizer is not None else None
         self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
         self.hold = max((len(s) for s in stops), default=1) - 1
 
@@ -94,10 +96,11 @@ def engine_request(served: Served, rid: str, prompt: list[int], s: dict) -> Engi
     return EngineRequest(rid, prompt, params)
 
 
-async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str], ids: list | None = None):
+async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str], ids: list | None = None,
+                        keep_special: bool = False):
     """(text delta, tokens so far, finish_reason or None) as tokens arrive; stop strings end the request.
-    `ids`, if given, receives the token ids."""
-    text, n = TextOut(served.tokenizer, stops), 0
+    `ids`, if given, receives the token ids; `keep_special` keeps special tokens in the text (chat)."""
+    text, n = TextOut(served.tokenizer, stops, keep_special), 0
     gen = outputs(served, req, q)
     try:
         async for o in gen:
@@ -118,9 +121,24 @@ async def generate_text(served: Served, req: EngineRequest, q: asyncio.Queue, st
 
 
 async def collect(served: Served, req: EngineRequest, q: asyncio.Queue, stops: list[str],
-                  ids: list | None = None) -> tuple[str, int, str | None]:
+                  ids: list | None = None, keep_special: bool = False) -> tuple[str, int, str | None]:
     """The whole reply: (text, tokens generated, finish_reason); `ids` receives the token ids."""
     text, n, reason = "", 0, None
-    async for delta, n, reason in generate_text(served, req, q, stops, ids):  # noqa: B007 - the last count and reason
+    async for delta, n, reason in generate_text(served, req, q, stops, ids, keep_special):  # noqa: B007 - the last count and reason
         text += delta
     return text, n, reason
+
+
+async def unless_client_leaves(request, coro, poll_s: float = 0.1):
+    """`await coro`, cancelled (its request aborted, its blocks freed) if the client disconnects meanwhile:
+    a whole (non-streamed) reply has no write that would fail, so the connection is watched instead."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise api.ApiError("the client disconnected", status=499, code="client_closed_request")

@@ -12,7 +12,7 @@ from dsv3.testing import run_cli
 
 
 @pytest.mark.slow
-def test_bench_serve_tiny_end_to_end(tmp_path, monkeypatch):
+def test_bench_serve_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DSV3_BENCH_DIR", str(tmp_path))
     r = run_cli("bench", "serve", "--preset", "tiny", "--concurrency", "1,3", "--rounds", "2", "--prompt-len", "8",
                 "--max-tokens", "5", "--repeats", "1", "--transformers-cb", "off", "--cache-gb", "0.01", "--json",
@@ -44,6 +44,13 @@ def test_bench_serve_tiny_end_to_end(tmp_path, monkeypatch):
     assert len(prompt) == 8
     assert [int(w[1:]) for w in check["texts"]["dsv3"]] == generate(model, [prompt], 5)[0]
     assert res["transformers_continuous_batching"] is False
+    # the table the command prints without --json: one line per engine and concurrency, one ratio line each
+    from dsv3.bench.serve import print_table
+
+    print_table(res)
+    out = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith(("dsv3 ", "transformers ")) for ln in out) == 4
+    assert [ln.split(":")[0] for ln in out if ln.startswith("concurrency")] == ["concurrency   1", "concurrency   3"]
 
 
 def test_percentile_matches_numpy():

@@ -39,20 +39,22 @@ PERCENTILES = (50, 90, 99)
 # ---------------------------------------------------------------------- checkpoint
 def word_tokenizer(path: Path, vocab_size: int) -> None:
     """tokenizer.json with one word per id ("w0" ... "w{V-1}"), no bos/eos: text <-> ids is exact, every
-    streamed chunk is one token, and a random model never stops early on an end-of-sequence token."""
+    streamed chunk is one token, and a random model never stops early on an end-of-sequence token. The chat
+    template (which `dsv3 serve` requires; the benchmark only uses /v1/completions) joins the messages' words."""
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20}, indent=2))
+        "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20,
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}, indent=2))
 
 
 def serve_checkpoint(preset: str, dtype: str) -> Path:
-    """The `dsv3 bench decode` checkpoint of `preset` (random weights, HF layout) plus the word tokenizer."""
+    """The `dsv3 bench decode` checkpoint of `preset` (random weights, HF layout) plus the word tokenizer
+    (written every time: a few kB, and the directory is the benchmark's own)."""
     path = ensure_checkpoint(preset, dtype)
-    if not (path / "tokenizer.json").is_file():
-        word_tokenizer(path, ModelArgs.from_hf_config(path).vocab_size)
+    word_tokenizer(path, ModelArgs.from_hf_config(path).vocab_size)
     return path
 
 

@@ -134,7 +134,7 @@ class Server:
 def stream_completion(port: int, model: str, prompt: str, max_tokens: int, timeout: float = 600) -> dict:
     """One streamed /v1/completions request (greedy): arrival time of every chunk that carries text."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True})
+                       "stream": True, "stream_options": {"include_usage": True}})  # token counts from the server
     t0 = time.perf_counter()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})

@@ -95,6 +95,10 @@ MATRIX: dict[str, tuple[list[str], str | bytes | None, tuple[str, ...]]] = {
                                            ("--json-out", "does not exist")),
     "bench kernels m 0": (["bench", "kernels", "--quick", "--m", "0"], None, ("--m",)),
     "bench kernels rep-ms nan": (["bench", "kernels", "--rep-ms", "nan"], None, ("--rep-ms",)),
+    "bench serve concurrency 0": (["bench", "serve", "--concurrency", "1,0"], None, ("--concurrency", ">= 1")),
+    "bench serve engines twice": (["bench", "serve", "--engines", "dsv3,dsv3"], None, ("--engines",)),
+    "bench serve cache-gb 0": (["bench", "serve", "--cache-gb", "0"], None, ("--cache-gb",)),
+    "bench serve ckpt missing": (["bench", "serve", "--ckpt", "{tmp}/nothing"], None, ("--ckpt", "no config.json")),
     "bench unknown": (["bench", "speed"], None, ("invalid choice", "speed")),
     # plan, info, top level
     "plan gpus 0": (["plan", "671B", "--gpus", "0", "--gpu-mem-gb", "80"], None, ("--gpus", ">= 1")),

@@ -59,8 +59,8 @@ MUTATIONS = {
         "scale = s[:1, :1]",
         ["test_checkpoint.py::test_fp8_matches_transformers_on_dequantised_weights"]),
     "info: active experts off by one": (
-        "dsv3/info.py", "active += _numel(layer) - _moe_inactive(layer.ffn, args)",
-        "active += _numel(layer) - _moe_inactive(layer.ffn, args.replace(n_activated_experts=args.n_activated_experts + 1))",
+        "dsv3/info.py", "active += _numel(blk) - _moe_inactive(blk.ffn, args)",
+        "active += _numel(blk) - _moe_inactive(blk.ffn, args.replace(n_activated_experts=args.n_activated_experts + 1))",
         ["test_info.py::test_info_counts_match_a_real_model"]),
     "MTP concatenates hidden state first": (
         "dsv3/mtp.py", "torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)",

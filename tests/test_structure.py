@@ -281,7 +281,8 @@ def test_python_m_dsv3_generate_is_a_clean_shim():
 @pytest.mark.parametrize("cli,work", [("dsv3.cli.train", "dsv3.train"), ("dsv3.cli.convert", "dsv3.convert"),
                                       ("dsv3.cli.plan", "dsv3.plan"), ("dsv3.cli.bench.kernels", "dsv3.bench.kernels"),
                                       ("dsv3.cli.bench.decode", "dsv3.bench.decode"),
-                                      ("dsv3.cli.bench.mtp", "dsv3.bench.mtp")])
+                                      ("dsv3.cli.bench.mtp", "dsv3.bench.mtp"),
+                                      ("dsv3.cli.bench.serve", "dsv3.bench.serve")])
 def test_a_command_s_help_is_its_work_module_s_docstring(cli, work):
     """The command module holds the description (importing the work module would import its dependencies into
     --help); the work module's docstring opens with the same line and points there."""

@@ -348,7 +348,7 @@ def run(ns) -> int:
     _add_ratios(rows)
     result = dict(ckpt=str(ckpt), dtype=ns.dtype, device=ns.device, threads=ns.threads, read_gb_s=bw / 1e9,
                   floor_ms=floor_ms,
-                  rows=rows, curves=curves, machine=_machine())
+                  rows=rows, curves=curves, machine=machine_info())
     if ns.plot and curves:
         _plot(curves, floor_ms[min(floor_ms)], ns.plot, ns.dtype)
     if ns.json:
@@ -367,7 +367,7 @@ def _add_ratios(rows: list[dict]) -> None:
             r["prefill_vs_transformers"] = r["prefill_tok_s"] / t["prefill_tok_s"]
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

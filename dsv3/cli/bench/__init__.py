@@ -1,4 +1,4 @@
-"""benchmarks: FP8 kernels, decoding speed, MTP speculative decoding (`dsv3 bench kernels|decode|mtp`).
+"""benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving (`dsv3 bench kernels|decode|mtp|serve`).
 
 Speed and memory are measured here, never in the tests; `dsv3 bench BENCHMARK --help` says what each
 one times and against what.
@@ -14,13 +14,14 @@ import argparse
 
 from dsv3.cli import add_commands
 
-HELP = "benchmarks: FP8 kernels, decoding speed, MTP speculative decoding (`dsv3 bench kernels|decode|mtp`)."
+HELP = "benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving (`dsv3 bench kernels|decode|mtp|serve`)."
 
 # sub-benchmark -> module, imported only when the parser is built
 BENCHMARKS = {
     "kernels": "dsv3.cli.bench.kernels",
     "decode": "dsv3.cli.bench.decode",
     "mtp": "dsv3.cli.bench.mtp",
+    "serve": "dsv3.cli.bench.serve",
 }
 
 

@@ -266,7 +266,7 @@ def run_sparse_layer(ns) -> int:
     curves = sparse_layer_curves(args.replace(dtype="bf16"), contexts)
     if ns.json:
         print(json.dumps(dict(config=ns.sparse_layer, index_topk=args.index_topk, threads=ns.threads, curves=curves,
-                              machine=_machine())))
+                              machine=machine_info())))
         return 0
     print(f"one attention layer of {ns.sparse_layer} (index_topk {args.index_topk}), float32, {ns.threads} thread(s): "
           "decode step ms, min / median")

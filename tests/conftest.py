@@ -11,6 +11,7 @@ the test session asks for it here, first, unless the caller chose otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -44,7 +45,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         elif name.startswith("embed"):
             p.copy_(torch.randn(p.shape, generator=g))
         else:
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return model
 
 
@@ -52,6 +53,30 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 # "latent" (scores against the cached latents: every decode step) and "expanded" (SDPA on K/V expanded
 # from the latents: long prefills). Left to itself the choice depends on s, so a test at one length
 # would check only one branch.
+
+@torch.no_grad()
+def randomize_hf(model: torch.nn.Module, seed: int) -> None:
+    """A transformers model's non-trivial weights: matrices ~ N(0, 1/fan_in), norm gains ~ 1 +- 0.2 (LayerNorm
+    biases ~ 0.2 N(0, 1): V3.2's indexer k_norm), a gate bias that matters."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif name.endswith("norm.bias"):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        elif "embed_tokens" in name:
+            p.copy_(torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.5 * torch.randn(b.shape, generator=g))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(||a-b|| / ||b||, max|a-b| / max|b|)."""
+    return ((a - b).norm() / b.norm()).item(), ((a - b).abs().max() / b.abs().max()).item()
+
 ATTN_PATHS = ["naive", "latent", "expanded"]
 
 

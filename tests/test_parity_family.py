@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ATTN_PATHS, force_attn_path
-from test_parity_transformers import PROMPT_LEN, RTOL, _randomize, _rel
+from conftest import ATTN_PATHS, force_attn_path, randomize_hf, rel_err
+from test_parity_transformers import PROMPT_LEN, RTOL
 
 import dsv3
 from dsv3.config import ModelArgs
@@ -71,7 +71,7 @@ def family_pair(request, tmp_path_factory):
                      experts_implementation="eager")
     torch.manual_seed(0)
     hf = model_cls(hf_cfg).float().eval()
-    _randomize(hf, seed=FAMILY.index(name))
+    randomize_hf(hf, seed=FAMILY.index(name))
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if n.endswith(("kv_a_proj_with_mqa.weight", "q_a_proj.weight")):
@@ -104,7 +104,7 @@ def test_family_logits_match_transformers(family_pair, attn_path, monkeypatch):
     model = dsv3.load_model(path, dtype=torch.float32, attn_impl=force_attn_path(monkeypatch, attn_path))
     tokens = _tokens(model.args.vocab_size)
     with torch.no_grad():
-        rel, rel_max = _rel(model(tokens), hf(tokens).logits.float())
+        rel, rel_max = rel_err(model(tokens), hf(tokens).logits.float())
     assert rel < RTOL and rel_max < RTOL, f"{name}/{attn_path}: {rel:.2e} {rel_max:.2e}"
 
 
@@ -130,7 +130,7 @@ def test_latent_norm_eps_is_visible_here(family_pair):
         assert blk.attn.kv_norm.eps == 1e-6 and blk.attn_norm.eps == 1e-5
         blk.attn.kv_norm.eps = model.args.norm_eps
     with torch.no_grad():
-        rel, _ = _rel(model(tokens), hf(tokens).logits.float())
+        rel, _ = rel_err(model(tokens), hf(tokens).logits.float())
     assert rel > 10 * RTOL, rel
 
 
@@ -154,7 +154,7 @@ def test_v31_fp8_ue8m0_checkpoint_matches_transformers(family_pair, tmp_path):
     assert ckpt.dtype == "fp8" and ckpt.scale_fmt == model.args.scale_fmt == "ue8m0"
     tokens = _tokens(model.args.vocab_size)
     with torch.no_grad():
-        rel, rel_max = _rel(model(tokens), hf(tokens).logits.float())
+        rel, rel_max = rel_err(model(tokens), hf(tokens).logits.float())
     assert rel < RTOL and rel_max < RTOL, (rel, rel_max)
     with torch.no_grad():  # FP8 changed the weights: the float model before quantisation is another model
-        assert _rel(model(tokens), hf_float(tokens).logits.float())[0] > 100 * RTOL
+        assert rel_err(model(tokens), hf_float(tokens).logits.float())[0] > 100 * RTOL

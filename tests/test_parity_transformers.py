@@ -18,11 +18,10 @@ transformers 5.24 keeps the routed experts as fused 3-D tensors in memory but
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from conftest import ATTN_PATHS, force_attn_path  # tests/ is on sys.path under pytest
+from conftest import ATTN_PATHS, force_attn_path, randomize_hf, rel_err  # tests/ is on sys.path under pytest
 
 import dsv3
 from dsv3.config import ModelArgs
@@ -89,34 +88,13 @@ def _hf_config(kw: dict) -> DeepseekV3Config:
                             rms_norm_eps=1e-6)
 
 
-@torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial weights: matrices ~ N(0, 1/fan_in), norm gains ~ 1 ± 0.2, a gate bias that matters."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.5 * torch.randn(b.shape, generator=g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(‖a−b‖/‖b‖, max|a−b| / max|b|)."""
-    return ((a - b).norm() / b.norm()).item(), ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def hf_pair(request, tmp_path_factory):
     """(config name, HF model, checkpoint dir) -- built and saved once per config."""
     name = request.param
     torch.manual_seed(0)
     hf = DeepseekV3ForCausalLM(_hf_config(CONFIGS[name])).float().eval()
-    _randomize(hf, seed=sorted(CONFIGS).index(name))
+    randomize_hf(hf, seed=sorted(CONFIGS).index(name))
     path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
     return name, hf, path
@@ -138,7 +116,7 @@ def test_logits_match_transformers(hf_pair, attn_path, monkeypatch):
         ref = hf(tokens).logits.float()
         out = model(tokens)
     assert out.shape == ref.shape
-    rel, rel_max = _rel(out, ref)
+    rel, rel_max = rel_err(out, ref)
     assert rel < RTOL, f"{name}/{attn_path}: ‖Δ‖/‖ref‖ = {rel:.2e}"
     assert rel_max < RTOL, f"{name}/{attn_path}: max|Δ|/max|ref| = {rel_max:.2e}"
 
@@ -224,7 +202,7 @@ def test_tiny_preset_through_transformers(tmp_path):
     torch.manual_seed(0)
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**args.to_hf_config(), attn_implementation="eager",
                                                  experts_implementation="eager")).float().eval()
-    _randomize(hf, seed=11)
+    randomize_hf(hf, seed=11)
     hf.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
     model = dsv3.load_model(tmp_path, dtype=torch.float32)
@@ -234,5 +212,5 @@ def test_tiny_preset_through_transformers(tmp_path):
     tokens = torch.randint(0, args.vocab_size, (1, 3 * args.original_seq_len // 2),
                            generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        rel, rel_max = _rel(model(tokens), hf(tokens).logits.float())
+        rel, rel_max = rel_err(model(tokens), hf(tokens).logits.float())
     assert rel < RTOL and rel_max < RTOL, (rel, rel_max)

@@ -16,12 +16,11 @@ file compares with them; the interleaved option and the FP8 arithmetic are check
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ATTN_PATHS, force_attn_path
+from conftest import ATTN_PATHS, force_attn_path, randomize_hf, rel_err
 
 import dsv3
 
@@ -43,27 +42,6 @@ def tiny_v32_config() -> dict:
     return {**cfg, **SHRINK}
 
 
-@torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        elif name.endswith("norm.bias"):
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.5 * torch.randn(b.shape, generator=g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    return ((a - b).norm() / b.norm()).item(), ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def v32(tmp_path_factory):
     """(HF V3.2 model, its checkpoint dir, prompt tokens (2, PROMPT + DECODE))."""
@@ -71,7 +49,7 @@ def v32(tmp_path_factory):
     torch.manual_seed(0)
     hf = DeepseekV32ForCausalLM(DeepseekV32Config(**cfg, attn_implementation="eager",
                                                   experts_implementation="eager")).float().eval()
-    _randomize(hf, seed=5)
+    randomize_hf(hf, seed=5)
     path = tmp_path_factory.mktemp("v32")
     hf.save_pretrained(path)
     tokens = torch.randint(0, cfg["vocab_size"], (2, PROMPT + DECODE), generator=torch.Generator().manual_seed(6))
@@ -86,7 +64,7 @@ def test_prefill_logits_match_transformers(v32, attn_path, monkeypatch):
     with torch.no_grad():
         ref = hf(tokens[:, :PROMPT]).logits.float()
         out = model(tokens[:, :PROMPT])
-    rel, rel_max = _rel(out, ref)
+    rel, rel_max = rel_err(out, ref)
     assert rel < RTOL and rel_max < RTOL, (attn_path, rel, rel_max)
 
 
@@ -100,7 +78,7 @@ def test_cached_decode_matches_transformers_recompute(v32, index_impl):
         cache = model.new_cache(2, PROMPT + DECODE)
         steps = [model(tokens[:, :PROMPT], 0, cache)]
         steps += [model(tokens[:, p:p + 1], p, cache) for p in range(PROMPT, PROMPT + DECODE)]
-    rel, rel_max = _rel(torch.cat(steps, dim=1), ref)
+    rel, rel_max = rel_err(torch.cat(steps, dim=1), ref)
     assert rel < RTOL and rel_max < RTOL, (index_impl, rel, rel_max)
 
 
@@ -117,8 +95,8 @@ def test_sparsity_matters_and_full_topk_is_dense_v3(v32):
     sparse = dsv3.load_model(path, dtype=torch.float32)
     with torch.no_grad():
         ref = dense(tokens).logits.float()
-        rel, rel_max = _rel(full(tokens), ref)
-        changed = _rel(sparse(tokens), ref)[0]
+        rel, rel_max = rel_err(full(tokens), ref)
+        changed = rel_err(sparse(tokens), ref)[0]
     assert rel < RTOL and rel_max < RTOL, (rel, rel_max)
     assert changed > 1e-2, changed
 
@@ -128,7 +106,7 @@ def test_demo_rope_layout_is_not_transformers(v32):
     hf, path, tokens = v32
     demo = dsv3.load_model(path, dtype=torch.float32, index_rope_interleave=True)
     with torch.no_grad():
-        assert _rel(demo(tokens), hf(tokens).logits.float())[0] > 1e-3
+        assert rel_err(demo(tokens), hf(tokens).logits.float())[0] > 1e-3
 
 
 def test_greedy_generate_matches_transformers(v32):

@@ -63,11 +63,31 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen, str, int]:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Kill whatever is left of the server's process group (the launcher and every rank), then reap it."""
+    """Kill whatever is left of the server: its process group, and every process below it -- torchrun starts
+    each rank in a session of its own, so killing the launcher's group alone would leave the ranks running."""
+    below = _descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stderr.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc; [] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def stream_tokens(url: str, prompt: list[int], n: int, after_first=None) -> list[str]:

@@ -192,7 +192,8 @@ class MLA(nn.Module):
                       wkv_b: torch.Tensor, mask: torch.Tensor | None, sel: Selection | None = None) -> torch.Tensor:
         """Absorbed attention against the latents kv (b t c), k_pe (b t r): (b, s, h, d_v).
 
-        `mask`: None, or an additive (s, >= t) mask whose last t columns are these keys' (`causal_mask`).
+        `mask`: None, or an additive (s, >= t) mask whose last t columns are these keys' (`causal_mask`), or one
+        per sequence (b, s, t) (dsv3.serve's padded decode batch).
         `sel` (V3.2): attend to the indexer's keys only -- gathered rows, or its dense mask instead of `mask`.
         """
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q

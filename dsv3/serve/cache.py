@@ -3,7 +3,7 @@
 MLA's absorbed path caches, per token and layer, only the normalised latent c (`kv_lora_rank` wide) and the
 rotated shared key k_pe (`qk_rope_head_dim` wide). Here they live in one pool per layer, reserved once:
 `kv` (N·B, c) and `pe` (N·B, r) for N blocks of B token rows. A sequence owns a block table (block ids in
-order); its position p lives in row `table[p // B] * B + p % B` of every layer's pool (`slots`). Blocks are
+order); its position p lives in row `table[p // B] * B + p % B` of every layer's pool (`rows`). Blocks are
 handed out as a sequence grows and come back when it finishes or is aborted; `reserve` lets the scheduler
 admit a request only while the blocks it could ever need are still unpromised, so a running sequence never
 runs out (no preemption).
@@ -160,11 +160,11 @@ class PagedCache:
         self.reserved -= unused_reservation
         table.clear()
 
-    def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
-        """Pool rows of positions [start, end) of the sequence with this block table, (end - start,) long."""
-        pos = torch.arange(start, end)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
-        return (blocks * self.block_size + pos % self.block_size).to(self.kv[0].device)
+    def rows(self, table: list[int], end: int) -> list[int]:
+        """Pool rows of positions [0, end) of the sequence with this block table (host ints: the runner builds
+        every index tensor of a step from them at once)."""
+        b = self.block_size
+        return [table[p // b] * b + p % b for p in range(end)]
 
     def nbytes(self) -> int:
         pools = self.kv + self.pe + [t for layer in self.ik for t in layer.values()]

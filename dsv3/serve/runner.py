@@ -3,9 +3,13 @@
 Everything but attention is position-wise, so the batch is packed into one row of n tokens (the chunks of
 every sequence, one after another): embedding, norms, MLP/MoE, `wo` and the head see (1, n, m) and never pad.
 Attention goes through MLA's public pieces: `MLA.project` gives the queries, latents and rotary keys of the n
-tokens (each rotated at its own position); the latents are written into the paged pools at their slots; then,
-sequence by sequence, `MLA.attend_latent` attends its queries against the rows its block table gathers, with
-the causal mask of a chunk starting at that sequence's position. DeepSeek-V3.2 (an indexer per layer): the
+tokens (each rotated at its own position); the latents are written into the paged pools at their slots; then
+`MLA.attend_latent` attends each prefill chunk's queries against the rows its block table gathers, with the
+causal mask of a chunk starting at that sequence's position, and every decode token of the step in ONE call:
+their rows gathered into a (b, t) grid padded to the longest context, the padding masked with -inf (exact
+zeros after the softmax, so the same tokens as one call per sequence, at a fraction of the per-call overhead
+that dominated a batched step). Every index tensor of a step is built once on the host (`Plan`) and shared
+by all layers; pools are read with `index_select` (torch's advanced-indexing gather was ~10x slower here). DeepSeek-V3.2 (an indexer per layer): the
 indexer projects the n tokens too, each sequence's new keys go into the indexer pool at its slots
 (`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table gathers,
 and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads only
@@ -38,6 +42,22 @@ class Chunk:
     table: list[int]
 
 
+@dataclass
+class Plan:
+    """A step's index tensors: positions `pos` (n,), pool `slots` (n,) of the new tokens, `last` (b,) packed
+    index of each chunk's last token, `bounds` (first, last + 1, start, rows (t,)) per chunk; decode tokens
+    (one-token chunks) at packed indices `dec` (b',), their pool rows `dec_rows` (b', t) padded to the longest,
+    and `dec_mask` (b', 1, t) additive, -inf on the padding."""
+
+    pos: torch.Tensor
+    slots: torch.Tensor
+    last: torch.Tensor
+    bounds: list[tuple[int, int, int, torch.Tensor]]
+    dec: torch.Tensor
+    dec_rows: torch.Tensor
+    dec_mask: torch.Tensor
+
+
 class PagedRunner:
     """Runs `Transformer` blocks over the paged cache (absorbed attention only: the cache holds latents)."""
 
@@ -49,37 +69,63 @@ class PagedRunner:
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (b, v) float32 of the last token of every chunk."""
         model, dev = self.model, self.model.device
-        flat = [t for ch in chunks for t in ch.tokens]
-        pos = torch.tensor([ch.start + i for ch in chunks for i in range(len(ch.tokens))], device=dev)
-        slots = torch.cat([self.cache.slots(ch.table, ch.start, ch.start + len(ch.tokens)) for ch in chunks])
-        bounds, a = [], 0
-        for ch in chunks:  # (first, last + 1) packed index of each chunk, and the pool rows it attends to
-            bounds.append((a, a + len(ch.tokens), ch.start, self.cache.slots(ch.table, 0, ch.start + len(ch.tokens))))
-            a += len(ch.tokens)
-        cos, sin = self.cos[pos], self.sin[pos]  # (n, r/2): every token at its own position
-        x = model.embed(torch.tensor([flat], device=dev))  # (1, n, m)
+        plan = self._plan(chunks)
+        cos, sin = self.cos[plan.pos], self.sin[plan.pos]  # (n, r/2): every token at its own position
+        x = model.embed(torch.tensor([[t for ch in chunks for t in ch.tokens]], device=dev))  # (1, n, m)
         for i, blk in enumerate(model.layers):
-            x = x + self._attention(blk.attn, blk.attn_norm(x), i, cos, sin, slots, bounds)
+            x = x + self._attention(blk.attn, blk.attn_norm(x), i, cos, sin, plan)
             x = x + blk.ffn(blk.ffn_norm(x))
-        last = torch.tensor([e - 1 for _, e, _, _ in bounds], device=dev)
-        return model.head(model.norm(x)[:, last]).float()[0]
+        return model.head(model.norm(x)[:, plan.last]).float()[0]
 
-    def _attention(self, attn, x, layer: int, cos, sin, slots, bounds) -> torch.Tensor:
+    def _plan(self, chunks: list[Chunk]) -> Plan:
+        """Every index tensor of the step, built once on the host and shared by all layers."""
+        dev, run = self.model.device, []
+        pos, slots, last, bounds, dec, dec_rows, a = [], [], [], [], [], [], 0
+        for ch in chunks:
+            e = a + len(ch.tokens)
+            rows = self.cache.rows(ch.table, ch.start + len(ch.tokens))
+            pos += range(ch.start, ch.start + len(ch.tokens))
+            slots += rows[ch.start:]
+            last.append(e - 1)
+            if len(ch.tokens) == 1:  # a decode token: attended with the others in one padded call
+                dec.append(a)
+                dec_rows.append(rows)
+            run.append((a, e, ch.start, rows))
+            a = e
+        t = max(map(len, dec_rows), default=0)
+        pad = torch.tensor([r + [0] * (t - len(r)) for r in dec_rows], dtype=torch.long).reshape(len(dec), t)
+        lens = torch.tensor([len(r) for r in dec_rows], dtype=torch.long)
+        mask = torch.zeros(len(dec), 1, t).masked_fill_(torch.arange(t) >= lens[:, None, None], float("-inf"))
+        for a, e, start, rows in run:
+            bounds.append((a, e, start, torch.tensor(rows, dtype=torch.long, device=dev)))
+        return Plan(torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), torch.tensor(last, device=dev),
+                    bounds, torch.tensor(dec, dtype=torch.long, device=dev), pad.to(dev), mask.to(dev))
+
+    def _attention(self, attn, x, layer: int, cos, sin, plan: Plan) -> torch.Tensor:
         qr = attn.q_latent(x)  # (1 n q), None without q-LoRA; V3.2's indexer reads it too
         q_nope, q_pe, kv, k_pe = attn.project(x, cos, sin, qr)  # (1 n h d), (1 n h r), (1 n c), (1 n r)
         kv_pool, pe_pool = self.cache.kv[layer], self.cache.pe[layer]
-        kv_pool.index_copy_(0, slots, kv[0].to(kv_pool.dtype))
-        pe_pool.index_copy_(0, slots, k_pe[0].to(pe_pool.dtype))
+        kv_pool.index_copy_(0, plan.slots, kv[0].to(kv_pool.dtype))
+        pe_pool.index_copy_(0, plan.slots, k_pe[0].to(pe_pool.dtype))
         wkv_b = attn.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
         index = None if attn.indexer is None else attn.indexer.project(x, qr, cos, sin)  # (1 n h i), (1 n i), (1 n h)
-        outs = []
-        for a, e, start, rows in bounds:
+        o = q_nope.new_empty(*q_nope.shape[:3], attn.v_dim)  # (1 n h d_v)
+        batched = index is None and len(plan.dec) > 0
+        if batched:  # V3 decode tokens: one call over their padded rows (b t), the padding masked out
+            b, t = plan.dec_rows.shape
+            gather = plan.dec_rows.view(-1)
+            o[0, plan.dec] = attn.attend_latent(
+                q_nope[0, plan.dec, None], q_pe[0, plan.dec, None], kv_pool.index_select(0, gather).view(b, t, -1),
+                pe_pool.index_select(0, gather).view(b, t, -1), wkv_b, plan.dec_mask)[:, 0]
+        for a, e, start, rows in plan.bounds:
             s = e - a
+            if batched and s == 1:
+                continue
             mask = causal_mask(start, s, x.device) if s > 1 else None
             sel = None if index is None else self._select(attn.indexer, index, layer, a, e, start, rows)
-            outs.append(attn.attend_latent(q_nope[:, a:e], q_pe[:, a:e], kv_pool[rows][None], pe_pool[rows][None],
-                                           wkv_b, mask, sel))  # (1 s h d)
-        out = attn.wo(rearrange(torch.cat(outs, dim=1), "b n h d -> b n (h d)"))
+            o[:, a:e] = attn.attend_latent(q_nope[:, a:e], q_pe[:, a:e], kv_pool.index_select(0, rows)[None],
+                                           pe_pool.index_select(0, rows)[None], wkv_b, mask, sel)  # (1 s h d)
+        out = attn.wo(rearrange(o, "b n h d -> b n (h d)"))
         return run_forward_hooks(attn, x, out)
 
     def _select(self, indexer, index, layer: int, a: int, e: int, start: int, rows: torch.Tensor) -> Selection:
@@ -92,7 +138,7 @@ class PagedRunner:
             for name, val in new.items():
                 _bits(pools[name]).index_copy_(0, rows[start:], _bits(val[0].to(pools[name].dtype)))
             # (1 t i): every key of this sequence
-            return {name: _bits(pools[name])[rows].view(pools[name].dtype)[None] for name in new}
+            return {name: _bits(pools[name]).index_select(0, rows).view(pools[name].dtype)[None] for name in new}
 
         q_s, keys = indexer.keys(q[:, a:e], k[:, a:e], write)
         q_pos = torch.arange(start, start + e - a, device=q.device)

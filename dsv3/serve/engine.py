@@ -264,15 +264,21 @@ class Engine:
         return batch
 
     def _sample(self, batch, logits: torch.Tensor) -> list[int | None]:
-        """The next token of every chunk that reaches its sequence's end (-1: non-finite logits), else None."""
+        """The next token of every chunk that reaches its sequence's end (-1: non-finite logits), else None.
+        One finiteness check and one argmax (greedy) for the whole batch, taken to the host once: a call per
+        row cost more than the sampling itself; a sampled row draws from its own generator."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
         out: list[int | None] = []
         for i, (s, ch) in enumerate(batch):
+            p = s.request.params
             if ch.start + len(ch.tokens) < len(s.tokens):
                 out.append(None)  # a prompt chunk short of the prompt's end
-            elif not bool(torch.isfinite(logits[i]).all()):
+            elif not finite[i]:
                 out.append(-1)
+            elif p.temperature == 0:
+                out.append(greedy[i])
             else:
-                p = s.request.params
                 out.append(int(sample(logits[i: i + 1], p.temperature, p.top_p, p.top_k, s.generator)[0]))
         return out
 

@@ -7,9 +7,10 @@ tokens (each rotated at its own position); the latents are written into the page
 `MLA.attend_latent` attends each prefill chunk's queries against the rows its block table gathers, with the
 causal mask of a chunk starting at that sequence's position, and every decode token of the step in ONE call:
 their rows gathered into a (b, t) grid padded to the longest context, the padding masked with -inf (exact
-zeros after the softmax, so the same tokens as one call per sequence, at a fraction of the per-call overhead
-that dominated a batched step). Every index tensor of a step is built once on the host (`Plan`) and shared
-by all layers; pools are read with `index_select` (torch's advanced-indexing gather was ~10x slower here). DeepSeek-V3.2 (an indexer per layer): the
+zeros after the softmax, so the same tokens as one call per sequence, without its per-call overhead). Every
+index tensor of a step is built once on the host (`Plan`) and shared by all layers; pools are read with
+`index_select` (torch's advanced-indexing gather was several times slower here). DeepSeek-V3.2 (an indexer
+per layer; its decode tokens keep one call per sequence, each with its own selection): the
 indexer projects the n tokens too, each sequence's new keys go into the indexer pool at its slots
 (`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table gathers,
 and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads only

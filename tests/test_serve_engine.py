@@ -156,3 +156,35 @@ def test_prefix_sharing_with_evictions_in_a_small_cache(model):
     assert [got[r.id] for r in reqs] == [generate(model, [p], 4)[0] for p in ps]
     assert eng.stats()["blocks_used"] == 0 and eng.cache.reserved == 0
     assert eng.cache.by_name and all(eng.cache.by_name[eng.cache.name_of[b]] == b for b in eng.cache.name_of)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_logit_ends_only_its_request(model, bad):
+    """The batched finiteness check: a single NaN/±inf in one row (after a few good steps) ends that request
+    with "error" and frees its blocks; the others' greedy tokens still equal `dsv3.generate` alone."""
+    ps = prompts(3, seed=5)
+    eng = Engine(model, EngineConfig(n_blocks=64, block_size=4))
+    forward = eng.runner.forward
+
+    def poisoned(chunks):
+        logits = forward(chunks).clone()
+        for i, ch in enumerate(chunks):
+            if (seq := eng.find("r1")) is not None and ch.table is seq.table and seq.generated == 2:
+                logits[i, 17] = bad
+        return logits
+
+    eng.runner.forward = poisoned
+    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=6)) for i, p in enumerate(ps)]
+    for r in reqs:
+        eng.add(r)
+    got, reasons = {r.id: [] for r in reqs}, {}
+    while eng.has_work():
+        for o in eng.step():
+            if o.token_id is not None:
+                got[o.request_id].append(o.token_id)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    assert reasons == {"r0": "length", "r1": "error", "r2": "length"}
+    assert got["r1"] == generate(model, [ps[1]], 2)[0]
+    assert got["r0"] == generate(model, [ps[0]], 6)[0] and got["r2"] == generate(model, [ps[2]], 6)[0]
+    assert eng.stats()["blocks_used"] == 0 and eng.cache.reserved == 0

@@ -267,7 +267,8 @@ class Engine:
         """The next token of every chunk that reaches its sequence's end (-1: non-finite logits), else None.
         One finiteness check and one argmax (greedy) for the whole batch, taken to the host once: a call per
         row cost more than the sampling itself; a sampled row draws from its own generator."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        lo, hi = torch.aminmax(logits, dim=-1)  # a NaN or inf anywhere in a row reaches its min or max
+        finite = (torch.isfinite(lo) & torch.isfinite(hi)).tolist()
         greedy = logits.argmax(dim=-1).tolist()
         out: list[int | None] = []
         for i, (s, ch) in enumerate(batch):

@@ -30,14 +30,6 @@ MARKER_FORMAT = "dsv3-convert/1"
 _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # the ones a user or a scheduler sends to stop a job
 
 
-def run(ns) -> int:
-    stats = convert(ns.src, ns.dst, ns.dtype, force=ns.force, check_weights=ns.check_weights,
-                    scale_fmt=getattr(ns, "scale_fmt", None))
-    print(f"wrote {ns.dst}: {stats['tensors']} tensors in {stats['shards']} shard(s), "
-          f"{stats['src_bytes'] / 1e9:.3f} GB -> {stats['dst_bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s")
-    return 0
-
-
 # ---------------------------------------------------------------------- output paths
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():

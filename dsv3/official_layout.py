@@ -34,13 +34,6 @@ from dsv3.names import classify, dsv3_name_to_hf
 from dsv3.safetensors_io import ShardReader, group_names, official_shards, read_header, write_index, write_shard
 
 
-def run(ns) -> int:
-    stats = official_to_hf(ns.src, ns.dst, ns.config, force=ns.force)
-    print(f"wrote {ns.dst}: {stats['tensors']} tensors from {stats['ranks']} rank file(s) into {stats['shards']} "
-          f"shard(s), {stats['dst_bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s")
-    return 0
-
-
 def official_to_hf(src, dst, config=None, *, force: bool = False) -> dict:
     """Merge `src`'s `model{i}-mp{n}.safetensors` into a Hugging Face checkpoint at `dst`; returns counts and time."""
     t0 = time.perf_counter()

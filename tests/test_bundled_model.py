@@ -19,6 +19,7 @@ import dsv3
 from dsv3 import ModelArgs, generate, load_model
 
 CKPT = Path(dsv3.__file__).parent / "assets" / "dsv3-tiny"
+SCENE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "tempest-act1-scene2.txt"
 # held out from training (The Tempest is not in the training split, see dsv3.data.HELD_OUT)
 TEMPEST = ("Be not afeard. The isle is full of noises,\nSounds, and sweet airs, that give delight, and hurt not.\n"
            "Sometimes a thousand twangling instruments\nWill hum about mine ears; and sometimes voices,\n")
@@ -53,7 +54,7 @@ def test_release_format_and_size():
     assert dtypes[q + ".weight"] == "F8_E4M3" and dtypes[q + ".weight_scale_inv"] == "F32"
     assert dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == "F32"
     assert dtypes["lm_head.weight"] != "F8_E4M3"  # the head is not quantised in the release
-    assert dtypes["model.layers.4.eh_proj.weight"] != "F8_E4M3"
+    assert dtypes[f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight"] != "F8_E4M3"  # the MTP layer follows
 
 
 def test_architecture_is_complete():
@@ -96,6 +97,24 @@ def test_learned_english_and_mtp(model, tok):
     uniform = torch.log(torch.tensor(float(model.args.vocab_size)))
     assert ev["loss"] < uniform - 2.0  # far better than guessing (about 7.6 nats for 2048 tokens)
     assert ev["mtp_loss"] < uniform - 2.0
+
+
+def test_held_out_scene_perplexity_and_mtp_acceptance(model, tok):
+    """Quality on text it never saw: The Tempest I.2 (the held-out scene chapter 05 routes), in consecutive
+    windows of 128 predicted tokens as in docs/training.md. Measured (FP8 as stored): perplexity 50.8 here (the
+    model before the retrain, 2.1 M parameters and 650 steps: 73.8, so the bound fails on it) and teacher-forced
+    MTP acceptance 0.62 (before: 0.69 -- a sharper main model is harder to agree with; docs/training.md). The
+    acceptance bound only catches a broken MTP module: a random one agrees about 1/2,048 of the time."""
+    from dsv3.data import eval_windows
+    from dsv3.train import evaluate
+
+    ids = torch.tensor([0] + tok.encode(SCENE.read_text()).ids)
+    windows = eval_windows(ids, 129)
+    ev = evaluate(model, windows)
+    with torch.no_grad():
+        logits, ahead = model.forward_mtp(windows[:, :-1])
+    acceptance = float((ahead.argmax(-1) == logits[:, 1:].argmax(-1)).float().mean())  # draft of i+2 == main's
+    assert windows.shape[0] >= 30 and ev["ppl"] < 60 and acceptance > 0.5, (ev, acceptance)
 
 
 def test_speculative_greedy_identical_and_accepting(model, tok):

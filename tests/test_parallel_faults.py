@@ -70,16 +70,16 @@ def assert_one_dsv3_line(p: subprocess.CompletedProcess, *needles: str) -> str:
 
 # ---------------------------------------------------------------------- the bundled model
 def test_bundled_model_refusal_says_why_and_what_to_do():
-    """FP8 with 128-blocks and dim 128: no world size > 1 keeps the blocks whole; the message says so, names
+    """FP8 with 128-blocks and dims of 128-256: no world size > 1 keeps the blocks whole; the message says so, names
     the block size, and gives the world sizes that work once dequantised at load -- never an empty list."""
     args = ModelArgs.from_hf_config(BUNDLED_MODEL_DIR)
     assert args.dtype == "fp8" and args.block_size == 128
     assert valid_world_sizes(args) == [1]  # one process never cuts a block
-    assert valid_world_sizes(args, fp8_blocks=False) == [1, 2, 4]
+    assert valid_world_sizes(args, fp8_blocks=False) == [1, 2, 4, 8]  # 8 heads
     with pytest.raises(ConfigError) as e:
         check_world_size(args, 2)
     msg = str(e.value)
-    assert "not a multiple of the FP8 block size 128" in msg and "--dtype bf16" in msg and "1, 2, 4" in msg
+    assert "not a multiple of the FP8 block size 128" in msg and "--dtype bf16" in msg and "1, 2, 4, 8" in msg
     assert not re.search(r"sizes[^:]*: *(\.|$|;)", msg), msg
     # a model no world size > 1 can split at all (one head): the message says to run one process
     with pytest.raises(ConfigError, match=r"n_heads = 1 is not divisible by 2.*No world size > 1 splits this model"):

@@ -66,13 +66,19 @@ def run(ns) -> int:
         if ns.dtype or ns.scale_fmt:
             raise UsageError("--from-official writes the tensors as they are: no --dtype/--scale-fmt (convert "
                              "its output afterwards)")
-        from dsv3 import official_layout
+        from dsv3.official_layout import official_to_hf
 
-        return official_layout.run(ns)
+        stats = official_to_hf(ns.src, ns.dst, ns.config, force=ns.force)
+        print(f"wrote {ns.dst}: {stats['tensors']} tensors from {stats['ranks']} rank file(s) into "
+              f"{stats['shards']} shard(s), {stats['dst_bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s")
+        return 0
     if ns.config:
         raise UsageError("--config goes with --from-official (a Hugging Face checkpoint carries its config.json)")
     if ns.dtype is None:
         raise UsageError("--dtype is required (bf16, fp32 or fp8), unless --from-official")
-    from dsv3 import convert
+    from dsv3.convert import convert
 
-    return convert.run(ns)
+    stats = convert(ns.src, ns.dst, ns.dtype, force=ns.force, check_weights=ns.check_weights, scale_fmt=ns.scale_fmt)
+    print(f"wrote {ns.dst}: {stats['tensors']} tensors in {stats['shards']} shard(s), "
+          f"{stats['src_bytes'] / 1e9:.3f} GB -> {stats['dst_bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s")
+    return 0

@@ -160,11 +160,15 @@ class PagedCache:
         self.reserved -= unused_reservation
         table.clear()
 
-    def rows(self, table: list[int], end: int) -> list[int]:
-        """Pool rows of positions [0, end) of the sequence with this block table (host ints: the runner builds
-        every index tensor of a step from them at once)."""
+    def rows(self, table: list[int], end: int) -> torch.Tensor:
+        """Pool rows (end,) int64 of positions [0, end) of the sequence with this block table: block j of the
+        table covers pool rows [table[j]·B, table[j]·B + B), one tensor op per sequence, not one per position."""
         b = self.block_size
-        return [table[p // b] * b + p % b for p in range(end)]
+        need = -(-end // b)  # the blocks that hold [0, end)
+        if len(table) < need:
+            raise RuntimeError(f"block table holds {len(table)} blocks, positions [0, {end}) need {need}")
+        blocks = torch.tensor(table[:need], dtype=torch.long)
+        return (blocks[:, None] * b + torch.arange(b)).view(-1)[:end]
 
     def nbytes(self) -> int:
         pools = self.kv + self.pe + [t for layer in self.ik for t in layer.values()]

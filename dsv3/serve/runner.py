@@ -10,11 +10,11 @@ their rows gathered into a (b, t) grid padded to the longest context, the paddin
 zeros after the softmax, so the same tokens as one call per sequence, without its per-call overhead). Every
 index tensor of a step is built once on the host (`Plan`) and shared by all layers; pools are read with
 `index_select` (torch's advanced-indexing gather was several times slower here). DeepSeek-V3.2 (an indexer
-per layer; its decode tokens keep one call per sequence, each with its own selection): the
-indexer projects the n tokens too, each sequence's new keys go into the indexer pool at its slots
-(`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table gathers,
-and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads only
-those latent rows -- the arithmetic of `Indexer.forward` over a contiguous cache. Under tensor parallelism the collectives
+per layer): the indexer projects the n tokens too, each sequence's new keys go into the indexer pool at its
+slots (`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table
+gathers, and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads
+only those latent rows -- the arithmetic of `Indexer.forward` over a contiguous cache. The decode tokens do
+this together too, over the same padded grid (each one's position masks its padding). Under tensor parallelism the collectives
 are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
 module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs this code unchanged.
 
@@ -80,27 +80,26 @@ class PagedRunner:
 
     def _plan(self, chunks: list[Chunk]) -> Plan:
         """Every index tensor of the step, built once on the host and shared by all layers."""
-        dev, run = self.model.device, []
+        dev = self.model.device
         pos, slots, last, bounds, dec, dec_rows, a = [], [], [], [], [], [], 0
         for ch in chunks:
             e = a + len(ch.tokens)
-            rows = self.cache.rows(ch.table, ch.start + len(ch.tokens))
-            pos += range(ch.start, ch.start + len(ch.tokens))
-            slots += rows[ch.start:]
+            rows = self.cache.rows(ch.table, ch.start + len(ch.tokens))  # (t,)
+            pos.append(torch.arange(ch.start, ch.start + len(ch.tokens)))
+            slots.append(rows[ch.start:])
             last.append(e - 1)
             if len(ch.tokens) == 1:  # a decode token: attended with the others in one padded call
                 dec.append(a)
                 dec_rows.append(rows)
-            run.append((a, e, ch.start, rows))
+            bounds.append((a, e, ch.start, rows.to(dev)))
             a = e
-        t = max(map(len, dec_rows), default=0)
-        pad = torch.tensor([r + [0] * (t - len(r)) for r in dec_rows], dtype=torch.long).reshape(len(dec), t)
         lens = torch.tensor([len(r) for r in dec_rows], dtype=torch.long)
+        t = int(lens.max()) if dec_rows else 0
+        pad = (torch.nn.utils.rnn.pad_sequence(dec_rows, batch_first=True) if dec_rows
+               else torch.zeros(0, 0, dtype=torch.long))  # (b', t), padded with row 0 (masked below)
         mask = torch.zeros(len(dec), 1, t).masked_fill_(torch.arange(t) >= lens[:, None, None], float("-inf"))
-        for a, e, start, rows in run:
-            bounds.append((a, e, start, torch.tensor(rows, dtype=torch.long, device=dev)))
-        return Plan(torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), torch.tensor(last, device=dev),
-                    bounds, torch.tensor(dec, dtype=torch.long, device=dev), pad.to(dev), mask.to(dev))
+        return Plan(torch.cat(pos).to(dev), torch.cat(slots).to(dev), torch.tensor(last, device=dev), bounds,
+                    torch.tensor(dec, dtype=torch.long, device=dev), pad.to(dev), mask.to(dev))
 
     def _attention(self, attn, x, layer: int, cos, sin, plan: Plan) -> torch.Tensor:
         qr = attn.q_latent(x)  # (1 n q), None without q-LoRA; V3.2's indexer reads it too
@@ -111,13 +110,15 @@ class PagedRunner:
         wkv_b = attn.absorbed_wkv_b(x.dtype)  # (h, d + d_v, c)
         index = None if attn.indexer is None else attn.indexer.project(x, qr, cos, sin)  # (1 n h i), (1 n i), (1 n h)
         o = q_nope.new_empty(*q_nope.shape[:3], attn.v_dim)  # (1 n h d_v)
-        batched = index is None and len(plan.dec) > 0
-        if batched:  # V3 decode tokens: one call over their padded rows (b t), the padding masked out
+        batched = len(plan.dec) > 0
+        if batched:  # the decode tokens: one call over their padded rows (b t), the padding masked out
             b, t = plan.dec_rows.shape
             gather = plan.dec_rows.view(-1)
+            sel = None if index is None else self._select_decode(attn.indexer, index, layer, plan)
             o[0, plan.dec] = attn.attend_latent(
                 q_nope[0, plan.dec, None], q_pe[0, plan.dec, None], kv_pool.index_select(0, gather).view(b, t, -1),
-                pe_pool.index_select(0, gather).view(b, t, -1), wkv_b, plan.dec_mask)[:, 0]
+                pe_pool.index_select(0, gather).view(b, t, -1), wkv_b, plan.dec_mask if sel is None else None,
+                sel)[:, 0]
         for a, e, start, rows in plan.bounds:
             s = e - a
             if batched and s == 1:
@@ -144,6 +145,27 @@ class PagedRunner:
         q_s, keys = indexer.keys(q[:, a:e], k[:, a:e], write)
         q_pos = torch.arange(start, start + e - a, device=q.device)
         return indexer.select(indexer.scores(q_s, w[:, a:e], keys), q_pos)
+
+
+    def _select_decode(self, indexer, index, layer: int, plan: Plan) -> Selection:
+        """V3.2: the keys of every decode token of the step at once. Their new indexer keys go to their slots,
+        every sequence's keys are gathered into the padded (b, t) grid of `plan.dec_rows`, and each token keeps
+        the top min(index_topk, position + 1) of its own row: its position masks the padding (which lies past
+        it) exactly as the causal limit masks the future, so each gets the selection a call of its own gives."""
+        q, k, w = index
+        pools = self.cache.ik[layer]
+        b, t = plan.dec_rows.shape
+        slots, gather = plan.slots[plan.dec], plan.dec_rows.view(-1)
+
+        def write(**new: torch.Tensor) -> dict[str, torch.Tensor]:
+            for name, val in new.items():
+                _bits(pools[name]).index_copy_(0, slots, _bits(val[:, 0].to(pools[name].dtype)))
+            # (b t i): every key of every decoding sequence, padded
+            return {name: _bits(pools[name]).index_select(0, gather).view(pools[name].dtype).view(b, t, -1)
+                    for name in new}
+
+        q_s, keys = indexer.keys(q[0, plan.dec, None], k[0, plan.dec, None], write)  # (b 1 h i), (b t i)
+        return indexer.select(indexer.scores(q_s, w[0, plan.dec, None], keys), plan.pos[plan.dec, None])  # q_pos (b 1)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

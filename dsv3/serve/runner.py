@@ -14,8 +14,8 @@ per layer): the indexer projects the n tokens too, each sequence's new keys go i
 slots (`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored against the keys its block table
 gathers, and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads
 only those latent rows -- the arithmetic of `Indexer.forward` over a contiguous cache. The decode tokens do
-this together too, over the same padded grid (each one's position masks its padding). Under tensor parallelism the collectives
-are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
+this together too, over the same padded grid (each one's position masks its padding). Under tensor
+parallelism the collectives are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
 module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs this code unchanged.
 
 Axes: b sequences in the batch, s a sequence's new tokens, t its cached positions, n packed tokens, h heads,
@@ -48,7 +48,8 @@ class Plan:
     """A step's index tensors: positions `pos` (n,), pool `slots` (n,) of the new tokens, `last` (b,) packed
     index of each chunk's last token, `bounds` (first, last + 1, start, rows (t,)) per chunk; decode tokens
     (one-token chunks) at packed indices `dec` (b',), their pool rows `dec_rows` (b', t) padded to the longest,
-    and `dec_mask` (b', 1, t) additive, -inf on the padding."""
+    and `dec_mask` (b', 1, t) additive, -inf on the padding; their pool slots `dec_slots` (b',) and positions
+    `dec_pos` (b', 1) for V3.2's indexer."""
 
     pos: torch.Tensor
     slots: torch.Tensor
@@ -57,6 +58,8 @@ class Plan:
     dec: torch.Tensor
     dec_rows: torch.Tensor
     dec_mask: torch.Tensor
+    dec_slots: torch.Tensor
+    dec_pos: torch.Tensor
 
 
 class PagedRunner:
@@ -98,8 +101,10 @@ class PagedRunner:
         pad = (torch.nn.utils.rnn.pad_sequence(dec_rows, batch_first=True) if dec_rows
                else torch.zeros(0, 0, dtype=torch.long))  # (b', t), padded with row 0 (masked below)
         mask = torch.zeros(len(dec), 1, t).masked_fill_(torch.arange(t) >= lens[:, None, None], float("-inf"))
-        return Plan(torch.cat(pos).to(dev), torch.cat(slots).to(dev), torch.tensor(last, device=dev), bounds,
-                    torch.tensor(dec, dtype=torch.long, device=dev), pad.to(dev), mask.to(dev))
+        pos, slots = torch.cat(pos).to(dev), torch.cat(slots).to(dev)
+        dec = torch.tensor(dec, dtype=torch.long, device=dev)
+        return Plan(pos, slots, torch.tensor(last, device=dev), bounds, dec, pad.to(dev), mask.to(dev), slots[dec],
+                    pos[dec, None])
 
     def _attention(self, attn, x, layer: int, cos, sin, plan: Plan) -> torch.Tensor:
         qr = attn.q_latent(x)  # (1 n q), None without q-LoRA; V3.2's indexer reads it too
@@ -146,7 +151,6 @@ class PagedRunner:
         q_pos = torch.arange(start, start + e - a, device=q.device)
         return indexer.select(indexer.scores(q_s, w[:, a:e], keys), q_pos)
 
-
     def _select_decode(self, indexer, index, layer: int, plan: Plan) -> Selection:
         """V3.2: the keys of every decode token of the step at once. Their new indexer keys go to their slots,
         every sequence's keys are gathered into the padded (b, t) grid of `plan.dec_rows`, and each token keeps
@@ -155,17 +159,17 @@ class PagedRunner:
         q, k, w = index
         pools = self.cache.ik[layer]
         b, t = plan.dec_rows.shape
-        slots, gather = plan.slots[plan.dec], plan.dec_rows.view(-1)
+        gather = plan.dec_rows.view(-1)
 
         def write(**new: torch.Tensor) -> dict[str, torch.Tensor]:
             for name, val in new.items():
-                _bits(pools[name]).index_copy_(0, slots, _bits(val[:, 0].to(pools[name].dtype)))
+                _bits(pools[name]).index_copy_(0, plan.dec_slots, _bits(val[:, 0].to(pools[name].dtype)))
             # (b t i): every key of every decoding sequence, padded
             return {name: _bits(pools[name]).index_select(0, gather).view(pools[name].dtype).view(b, t, -1)
                     for name in new}
 
         q_s, keys = indexer.keys(q[0, plan.dec, None], k[0, plan.dec, None], write)  # (b 1 h i), (b t i)
-        return indexer.select(indexer.scores(q_s, w[0, plan.dec, None], keys), plan.pos[plan.dec, None])  # q_pos (b 1)
+        return indexer.select(indexer.scores(q_s, w[0, plan.dec, None], keys), plan.dec_pos)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

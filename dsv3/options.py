@@ -100,6 +100,18 @@ def integer_list(lo: int = 1):
     return parse
 
 
+def choice_list(choices: tuple[str, ...]):
+    """argparse type: comma-separated names, each one of `choices` (e.g. peer engines 'transformers,llama.cpp')."""
+    def parse(s: str) -> tuple[str, ...]:
+        vals = tuple(dict.fromkeys(t.strip() for t in s.split(",") if t.strip()))
+        if any(v not in choices for v in vals):
+            raise argparse.ArgumentTypeError(f"expected comma-separated names from {', '.join(choices)}, got {s!r}")
+        return vals
+
+    parse.__name__ = "list"
+    return parse
+
+
 seed = integer(0, 2**63, hi_open=True, hi_text="2^63")  # as dsv3.generate accepts (torch takes [-2^63, 2^64))
 positive = integer(1)
 non_negative = integer(0)

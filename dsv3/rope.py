@@ -56,10 +56,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     `cos`/`sin` broadcast from the left over any head axis: pass them already
     unsqueezed to x's rank minus one.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (..., r/2, 2)
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    # a pair (x1, x2) is the complex number x1 + i·x2, rotated by multiplying with e^{iθ} = cos θ + i·sin θ:
+    # (x1 cos - x2 sin) + i·(x2 cos + x1 sin), in three kernels instead of the eight the real formula takes.
+    # view_as_complex needs even strides: a slice of an odd-width head (test configs) is copied first
+    xf = x.float()
+    if any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    z = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., r/2) complex
+    return torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,82 @@ def test_bench_decode_sparse_layer_curves(tmp_path, capsys):
         assert [c for c, _, _ in curve] == [8, 24] and all(0 < lo <= med for _, lo, med in curve)
     assert main(["bench", "decode", "--sparse-layer", "tiny"]) == 2
     assert "not a V3.2 config" in capsys.readouterr().err
+
+
+def test_bench_decode_compare_list_and_llama_cpp_refusals(tmp_path, monkeypatch):
+    """--compare takes a comma-separated list of peers; llama.cpp without its binding or its converter is
+    refused on one line naming what is missing and how to get it (exit 2, no traceback)."""
+    from dsv3.cli import main
+    from dsv3.options import choice_list
+
+    parse = choice_list(("transformers", "llama.cpp"))
+    assert parse("llama.cpp,transformers,llama.cpp") == ("llama.cpp", "transformers")
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path))
+    env.pop("DSV3_LLAMA_CPP_SRC", None)
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--compare",
+                        "transformers,vllm"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "--compare" in r.stderr and "vllm" in r.stderr
+    try:
+        import llama_cpp  # noqa: F401
+        missing = "convert_hf_to_gguf.py"
+    except ImportError:
+        missing = "llama-cpp-python"
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--compare",
+                        "llama.cpp", "--llama-cpp-src", str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert missing in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def _llama_cpp_src():
+    src = os.environ.get("DSV3_LLAMA_CPP_SRC")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    return src if src and os.path.isfile(os.path.join(src, "convert_hf_to_gguf.py")) else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_llama_cpp_src() is None, reason="llama-cpp-python and DSV3_LLAMA_CPP_SRC (its source tree, "
+                    "for the converter) are needed; see docs/benchmarks.md")
+def test_bench_decode_beside_llama_cpp(tmp_path):
+    """llama.cpp's converter turns the bench checkpoint into a GGUF whose greedy tokens equal dsv3's and
+    transformers' (checked by the command before it times anything), then all three are timed side by side."""
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--batch", "1",
+                        "--prompt", "40", "--new", "3", "--repeats", "1", "--compare", "transformers,llama.cpp",
+                        "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {row["impl"]: row for row in res["rows"]}
+    assert set(rows) == {"dsv3:absorb", "transformers", "llama.cpp"}
+    assert rows["dsv3:absorb"]["decode_vs_llama_cpp"] > 0 and rows["dsv3:absorb"]["prefill_vs_llama_cpp"] > 0
+    assert (tmp_path / "tiny-float32-f32.gguf").stat().st_size > 0
+
+
+@pytest.mark.skipif(_llama_cpp_src() is None, reason="llama-cpp-python and DSV3_LLAMA_CPP_SRC (its source tree, "
+                    "for the converter) are needed; see docs/benchmarks.md")
+def test_llama_cpp_runner_batches_sequences_independently(tmp_path, monkeypatch):
+    """Batch B in llama.cpp is B sequences of one context: each one's logits equal those of it run alone, for a
+    prompt longer than one 512-token llama_decode call and for the decode step after it."""
+    import torch
+
+    from dsv3.bench import decode, llama_cpp
+
+    monkeypatch.setattr(decode, "BENCH_DIR", tmp_path)
+    ckpt = decode.ensure_checkpoint("tiny", "float32")
+    gguf = llama_cpp.ensure_gguf(ckpt, "float32", llama_cpp.check_available(None))
+    assert not list(tmp_path.glob(".*gguf-src*")) and not list(tmp_path.glob("*.partial"))
+    ids = torch.randint(0, 512, (2, 600), generator=torch.Generator().manual_seed(0))
+    both = llama_cpp.LlamaCppRunner(gguf, 608, 1, "float32", batch=2)
+    got = [both.prefill(ids), both.step(ids[:, :1], 600)]
+    for seq in range(2):
+        alone = llama_cpp.LlamaCppRunner(gguf, 608, 1, "float32")
+        want = [alone.prefill(ids[seq:seq + 1]), alone.step(ids[seq:seq + 1, :1], 600)]
+        for g, w in zip(got, want):
+            assert g.shape == (2, 1, 512) and w.shape == (1, 1, 512)
+            torch.testing.assert_close(g[seq], w[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="position 5"):
+        both.step(ids[:, :1], 5)

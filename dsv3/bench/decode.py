@@ -104,10 +104,22 @@ def worker(spec: dict) -> dict:
     rss0 = _rss_bytes()
     if spec["impl"] == "transformers":
         step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
+    elif spec["impl"] == "llama.cpp":
+        from dsv3.bench.llama_cpp import LlamaCppRunner
+
+        runner = LlamaCppRunner(Path(spec["gguf"]), total, spec["threads"], spec["dtype"], b)
+        step, prefill, cache_bytes = runner.step, runner.prefill, runner.cache_bytes
+        weights_bytes = Path(spec["gguf"]).stat().st_size
     else:
         step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
                                                                  spec.get("mode", "readable"), device)
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
+    if spec.get("greedy"):  # the tokens only, for the agreement check before any timing
+        with torch.inference_mode():
+            ids = [int(t) for t in prefill(tokens[:, :prompt])[0, -1].argmax(-1, keepdim=True)]
+            for i in range(spec["greedy"] - 1):
+                ids.append(int(step(torch.tensor([[ids[-1]]], device=device), prompt + i)[0, -1].argmax()))
+        return {"greedy": ids}
     with torch.inference_mode():
         prefill(tokens[:, :8])  # warm-up (kernel selection, lazy tables)
         sync()
@@ -309,9 +321,16 @@ def run(ns) -> int:
         sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
         ckpts |= dict.fromkeys(sparse, ensure_checkpoint(ns.preset, ns.dtype, ns.sparse))
         impls += sparse
-    if ns.compare:
-        impls.append("transformers")
-        ckpts["transformers"] = ckpt
+    extra: dict[str, dict] = {}  # impl -> extra worker spec fields
+    if "llama.cpp" in ns.compare:
+        from dsv3.bench import llama_cpp
+
+        src = llama_cpp.check_available(ns.llama_cpp_src)
+        extra["llama.cpp"] = dict(gguf=str(llama_cpp.ensure_gguf(ckpt, ns.dtype, src)))
+    for peer in ns.compare:
+        impls.append(peer)
+        ckpts[peer] = ckpt
+    check_greedy(impls, ckpts, extra, ns, args.vocab_size)
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
@@ -320,12 +339,14 @@ def run(ns) -> int:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
-                    spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=batch,
+                    spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=batch,
                                 device=ns.device, prompt=prompt, new=ns.new, vocab=args.vocab_size,
                                 mode=modes.get(impl, "readable"))
                     cell[impl].append(_spawn(spec))
             floor_s = floor_bytes(args, batch, bpp) / bw
             for impl, runs in cell.items():
+                if not runs:
+                    continue
                 med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
                 rows.append(dict(impl=impl, batch=batch, prompt=prompt,
                                  prefill_tok_s=batch * prompt / med("prefill_s"),
@@ -340,7 +361,8 @@ def run(ns) -> int:
     if ns.contexts:
         ctx = list(ns.contexts)
         for impl in impls:
-            spec = dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=1, prompt=min(ctx),
+            spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads,
+                                              batch=1, prompt=min(ctx),
                         device=ns.device,
                         new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
             curves[impl] = _spawn(spec)["curve"]
@@ -358,13 +380,40 @@ def run(ns) -> int:
     return 0
 
 
+GREEDY_PROMPT, GREEDY_NEW = 32, 16
+
+
+def check_greedy(impls: list[str], ckpts: dict, extra: dict, ns, vocab: int) -> None:
+    """Before any timing: every peer engine's greedy tokens (batch 1, a random 32-token prompt, 16 tokens) equal
+    dsv3's readable path on the same checkpoint -- so the engines timed side by side compute the same model."""
+    peers = [i for i in impls if i in ("transformers", "llama.cpp")]
+    if not peers:
+        return
+    got = {}
+    for impl in ["dsv3:absorb"] + peers:
+        spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts.get(impl, ckpts[impls[0]])), dtype=ns.dtype,
+                                          threads=ns.threads, batch=1, device=ns.device, prompt=GREEDY_PROMPT,
+                                          new=GREEDY_NEW, vocab=vocab, greedy=GREEDY_NEW)
+        got[impl] = _spawn(spec)["greedy"]
+    for peer in peers:
+        if got[peer] != got["dsv3:absorb"]:
+            i = next(j for j, (a, b) in enumerate(zip(got[peer], got["dsv3:absorb"])) if a != b)
+            raise RuntimeError(f"{peer}'s greedy tokens differ from dsv3's at step {i}: {got[peer]} vs "
+                               f"{got['dsv3:absorb']} -- the engines do not compute the same model; no timing reported")
+
+
+PEER_KEYS = {"transformers": "transformers", "llama.cpp": "llama_cpp"}
+
+
 def _add_ratios(rows: list[dict]) -> None:
-    ref = {(r["batch"], r["prompt"]): r for r in rows if r["impl"] == "transformers"}
-    for r in rows:
-        t = ref.get((r["batch"], r["prompt"]))
-        if t and r["impl"] != "transformers":
-            r["decode_vs_transformers"] = r["decode_tok_s"] / t["decode_tok_s"]
-            r["prefill_vs_transformers"] = r["prefill_tok_s"] / t["prefill_tok_s"]
+    """decode/prefill_vs_transformers and _vs_llama_cpp on every dsv3 row that has the peer in its cell."""
+    for peer, key in PEER_KEYS.items():
+        ref = {(r["batch"], r["prompt"]): r for r in rows if r["impl"] == peer}
+        for r in rows:
+            t = ref.get((r["batch"], r["prompt"]))
+            if t and r["impl"] not in PEER_KEYS:
+                r[f"decode_vs_{key}"] = r["decode_tok_s"] / t["decode_tok_s"]
+                r[f"prefill_vs_{key}"] = r["prefill_tok_s"] / t["prefill_tok_s"]
 
 
 def machine_info() -> dict:
@@ -386,15 +435,19 @@ def _print_table(res: dict) -> None:
     print(f"checkpoint {res['ckpt']}  dtype {res['dtype']}  device {res['device']}  threads {res['threads']}  "
           f"read bandwidth {res['read_gb_s']:.1f} GB/s  machine: {res['machine']['gpu'] or res['machine']['cpu']}")
     print("floor (ms/step): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in res["floor_ms"].items()))
-    hdr = f"{'impl':<30}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
-          f"{'x floor':>9}{'vs HF dec':>10}{'vs HF pre':>10}{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}"
-    print(hdr)
+    peers = [(p, k) for p, k in PEER_KEYS.items() if any(r["impl"] == p for r in res["rows"])]
+    short = {"transformers": "HF", "llama.cpp": "llama"}
+    hdr = f"{'impl':<30}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}{'x floor':>9}"
+    hdr += "".join(f"{'vs ' + short[p] + ' dec':>13}{'vs ' + short[p] + ' pre':>13}" for p, _ in peers)
+    print(hdr + f"{'RSS MB':>9}{'+load MB':>9}{'KV B/tok':>10}")
     for r in res["rows"]:
-        vs_d = f"{r['decode_vs_transformers']:.2f}x" if "decode_vs_transformers" in r else "-"
-        vs_p = f"{r['prefill_vs_transformers']:.2f}x" if "prefill_vs_transformers" in r else "-"
-        print(f"{r['impl']:<30}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
-              f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}{vs_d:>10}{vs_p:>10}{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}"
-              f"{r['kv_bytes_per_token']:>10.0f}")
+        line = (f"{r['impl']:<30}{r['batch']:>6}{r['prompt']:>7}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+                f"{r['decode_step_ms']:>9.2f}{r['x_floor']:>9.2f}")
+        for _, k in peers:
+            for what in ("decode", "prefill"):
+                v = r.get(f"{what}_vs_{k}")
+                line += f"{(f'{v:.2f}x' if v else '-'):>13}"
+        print(line + f"{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}{r['kv_bytes_per_token']:>10.0f}")
     for impl, curve in res["curves"].items():
         print(f"{impl}: step ms by context " + ", ".join(f"{c}: {1e3 * s:.2f}" for c, s in curve))
 

@@ -7,8 +7,11 @@ without the embedding table (a lookup reads one row) -- at this machine's measur
 single-stream read bandwidth (an fp32 matrix-vector product over 256 MB).
 For batch B, the routed experts touched per step are the expected number of
 distinct experts under uniform routing, e·(1 − (1 − k/e)^B) per layer.
-Both implementations compute what generation needs: the last position's logits
-(dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does).
+Every engine computes what generation needs: the last position's logits
+(dsv3 `last_only=True`, transformers `logits_to_keep=1`, as their generate() does; llama.cpp
+asks for the last position's logits only). `--compare llama.cpp` converts the checkpoint
+with llama.cpp's own converter (cached beside it) and first checks that its greedy tokens
+equal dsv3's; batch B runs as B sequences of one llama.cpp context (its low-level API).
 `--sparse TOPK` adds rows for the same preset with V3.2's lightning indexer (4 heads x 64; its keys cached
 beside the latents), attending to TOPK gathered tokens per query: with `--contexts` the dense step grows
 with the context, the sparse one's attention stops growing beyond TOPK (the indexer still scores every key).
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from dsv3.options import integer_list, positive, real
+from dsv3.options import choice_list, integer_list, positive, real
 
 HELP = "Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor."
 
@@ -40,7 +43,12 @@ def add_args(p) -> None:
     p.add_argument("--hbm-gb-s", type=real(0, lo_open=True), default=4800.0,
                    help="GPU memory bandwidth for the floor in GB/s (H200: 4800)")
     p.add_argument("--attn", default="absorb", help="dsv3 attention implementations, comma-separated (absorb,naive)")
-    p.add_argument("--compare", default="", choices=["", "transformers"], help="'transformers' to time it on the same checkpoint")
+    p.add_argument("--compare", type=choice_list(("transformers", "llama.cpp")), default=(),
+                   help="peer engines timed on the same checkpoint, comma-separated: transformers, llama.cpp "
+                        "(default: none)")
+    p.add_argument("--llama-cpp-src", default=None, metavar="DIR",
+                   help="llama.cpp source directory whose convert_hf_to_gguf.py makes the GGUF for --compare llama.cpp "
+                        "(default: $DSV3_LLAMA_CPP_SRC)")
     p.add_argument("--static", action="store_true", help="also time dsv3's static decode step, eager")
     p.add_argument("--compile", action="store_true",
                    help="also time dsv3's static decode step under torch.compile (fullgraph; compile time excluded)")

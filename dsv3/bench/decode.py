@@ -23,6 +23,7 @@ from dsv3.config import ModelArgs
 from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 from dsv3.info import param_counts
+from dsv3.memory import keep_freed_memory
 from dsv3.mla import MLA
 from dsv3.model import Transformer
 from dsv3.outputs import check_output_path
@@ -111,6 +112,8 @@ def worker(spec: dict) -> dict:
         step, prefill, cache_bytes = runner.step, runner.prefill, runner.cache_bytes
         weights_bytes = Path(spec["gguf"]).stat().st_size
     else:
+        if device.type == "cpu":
+            keep_freed_memory()  # as dsv3's commands run (dsv3.cli.common.load)
         step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
                                                                  spec.get("mode", "readable"), device)
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}

@@ -20,7 +20,7 @@ from dsv3.checkpoint import default_checkpoint, load_model
 from dsv3.cli.args import DTYPES
 from dsv3.config import ModelArgs
 from dsv3.errors import UsageError
-from dsv3.memory import check_fits, module_bytes
+from dsv3.memory import check_fits, keep_freed_memory, module_bytes
 from dsv3.model import Transformer
 from dsv3.sampling import check_sampling
 from dsv3.tokenizer import Tokenizer
@@ -46,6 +46,8 @@ def load(ns):
         raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cpu":
+        keep_freed_memory()
     overrides = {"max_seq_len": ns.max_seq_len} if ns.max_seq_len else {}
     group = distributed.current_group()  # under torchrun: this rank loads only its share
     if group is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv3 import cpu_bf16
 from dsv3.errors import UsageError
 
 E4M3_MAX = 448.0
@@ -119,7 +120,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ge
                block_size: int = 128, scale_fmt: str | None = None) -> torch.Tensor:
     """y = x Wᵀ for an FP8 block-scaled W, by dequantising W ("bf16") or through act_quant + fp8_gemm ("fp8")."""
     if gemm_impl == "bf16":
-        return torch.nn.functional.linear(x, weight_dequant(weight, scale, block_size, x.dtype))
+        return cpu_bf16.linear(x, weight_dequant(weight, scale, block_size, x.dtype))
     if gemm_impl != "fp8":
         raise UsageError(f"fp8_linear: gemm_impl must be 'bf16' or 'fp8', got {gemm_impl!r}")
     if x.is_cuda:

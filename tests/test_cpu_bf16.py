@@ -1,0 +1,28 @@
+"""cpu_bf16.linear: the float32 upcast of a many-row bf16 product equals the exact product rounded to bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import cpu_bf16
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("rows", [1, cpu_bf16.UPCAST_ROWS - 1, cpu_bf16.UPCAST_ROWS, 300])
+def test_linear_matches_float64_rounded_to_bf16(monkeypatch, native, rows):
+    monkeypatch.setattr(cpu_bf16, "has_bf16_arithmetic", lambda: native)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 256, generator=g).bfloat16()
+    w = torch.randn(384, 256, generator=g).bfloat16()
+    exact = F.linear(x.double(), w.double())
+    got = cpu_bf16.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 384)
+    # one bf16 rounding of the exact result (2^-8 relative), plus float32 summation order
+    torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-4)
+    if not native and 2 * rows >= cpu_bf16.UPCAST_ROWS:  # the upcast branch: bit-identical to doing it by hand
+        assert torch.equal(got, F.linear(x.float(), w.float()).bfloat16())
+
+
+def test_has_bf16_arithmetic_reads_the_cpu_flags():
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert cpu_bf16.has_bf16_arithmetic() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -12,6 +12,7 @@ can be read the check is skipped rather than guessed.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -72,8 +73,6 @@ def keep_freed_memory() -> bool:
     peak about where it was; resident memory just is not lowered between forwards. Called by the
     commands that run a model (generate, chat, serve, bench), never on import. False where not glibc.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

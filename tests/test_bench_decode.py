@@ -91,7 +91,6 @@ def test_bench_decode_sparse_layer_curves(tmp_path, capsys):
 def test_bench_decode_compare_list_and_llama_cpp_refusals(tmp_path, monkeypatch):
     """--compare takes a comma-separated list of peers; llama.cpp without its binding or its converter is
     refused on one line naming what is missing and how to get it (exit 2, no traceback)."""
-    from dsv3.cli import main
     from dsv3.options import choice_list
 
     parse = choice_list(("transformers", "llama.cpp"))
@@ -165,3 +164,33 @@ def test_llama_cpp_runner_batches_sequences_independently(tmp_path, monkeypatch)
             torch.testing.assert_close(g[seq], w[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="position 5"):
         both.step(ids[:, :1], 5)
+
+
+def test_agreement_check_refuses_a_peer_computing_another_model(tmp_path, monkeypatch):
+    """Before timing, transformers on the bench checkpoint agrees with dsv3 (float32: logits to ~1e-6, the same 16
+    greedy tokens); a copy with one layer's attention output projection halved -- a misread tensor -- is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from dsv3.bench import agreement, decode
+
+    monkeypatch.setattr(decode, "BENCH_DIR", tmp_path)
+    good = decode.ensure_checkpoint("tiny", "float32")
+    vocab = json.loads((good / "config.json").read_text())["vocab_size"]
+    spec = dict(dtype="float32", threads=1, device="cpu", vocab=vocab, mode="readable")
+    ok = agreement.check_agreement({"dsv3:absorb": spec | dict(impl="dsv3:absorb", ckpt=str(good)),
+                                    "transformers": spec | dict(impl="transformers", ckpt=str(good))},
+                                   decode.spawn_worker, "float32")
+    assert ok["transformers"]["rel_err"] < 1e-5 and ok["transformers"]["greedy_same"] == agreement.AGREE_NEW
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in good.iterdir():
+        if f.suffix == ".safetensors":
+            t = load_file(f)
+            t = {k: v * 0.5 if k == "model.layers.1.self_attn.o_proj.weight" else v for k, v in t.items()}
+            save_file(t, bad / f.name, metadata={"format": "pt"})
+        else:
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(agreement.CheckFailed, match="transformers does not compute the same model as dsv3:absorb"):
+        agreement.check_agreement({"dsv3:absorb": spec | dict(impl="dsv3:absorb", ckpt=str(good)),
+                                   "transformers": spec | dict(impl="transformers", ckpt=str(bad))},
+                                  decode.spawn_worker, "float32")

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
+from dsv3.bench import llama_cpp
+from dsv3.bench.agreement import AGREE_NEW, check_agreement
 from dsv3.checkpoint import load_model, save_model
 from dsv3.config import ModelArgs
 from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 from dsv3.info import param_counts
 from dsv3.memory import keep_freed_memory
-from dsv3.mla import MLA
 from dsv3.model import Transformer
 from dsv3.outputs import check_output_path
-from dsv3.rope import rope_cos_sin
 
 BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
 
@@ -106,9 +106,7 @@ def worker(spec: dict) -> dict:
     if spec["impl"] == "transformers":
         step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
     elif spec["impl"] == "llama.cpp":
-        from dsv3.bench.llama_cpp import LlamaCppRunner
-
-        runner = LlamaCppRunner(Path(spec["gguf"]), total, spec["threads"], spec["dtype"], b)
+        runner = llama_cpp.LlamaCppRunner(Path(spec["gguf"]), total, spec["threads"], spec["dtype"], b)
         step, prefill, cache_bytes = runner.step, runner.prefill, runner.cache_bytes
         weights_bytes = Path(spec["gguf"]).stat().st_size
     else:
@@ -117,12 +115,15 @@ def worker(spec: dict) -> dict:
         step, prefill, cache_bytes, weights_bytes = _dsv3_runner(spec["ckpt"], dtype, spec["impl"], total, b,
                                                                  spec.get("mode", "readable"), device)
     out: dict = {"rss_after_load": _rss_bytes(), "rss_before_load": rss0}
-    if spec.get("greedy"):  # the tokens only, for the agreement check before any timing
+    if spec.get("agree"):  # the agreement check before any timing: greedy tokens, teacher-forced logits
+        n = spec["agree"]
         with torch.inference_mode():
-            ids = [int(t) for t in prefill(tokens[:, :prompt])[0, -1].argmax(-1, keepdim=True)]
-            for i in range(spec["greedy"] - 1):
+            ids = [int(prefill(tokens[:, :prompt])[0, -1].argmax())]
+            for i in range(n - 1):
                 ids.append(int(step(torch.tensor([[ids[-1]]], device=device), prompt + i)[0, -1].argmax()))
-        return {"greedy": ids}
+            rows = [prefill(tokens[:, :prompt])[0, -1]]  # the same positions fed the same tokens in every engine
+            rows += [step(tokens[:, prompt + i:prompt + i + 1], prompt + i)[0, -1] for i in range(n - 1)]
+        return {"greedy": ids, "logits": torch.stack(rows).float().cpu().tolist()}
     with torch.inference_mode():
         prefill(tokens[:, :8])  # warm-up (kernel selection, lazy tables)
         sync()
@@ -229,7 +230,7 @@ def _tensors(obj, depth=0):
                     yield from _tensors(getattr(layer, name), depth + 1)
 
 
-def _spawn(spec: dict) -> dict:
+def spawn_worker(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     r = subprocess.run([sys.executable, "-m", "dsv3.bench.decode", "--worker", json.dumps(spec)],
                        capture_output=True, text=True, env=env)
@@ -238,102 +239,17 @@ def _spawn(spec: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------------- one V3.2 attention layer
-def sparse_layer_curves(args: ModelArgs, contexts: list[int], steps: int = 12, warmup: int = 3) -> dict:
-    """Decode-step time of one attention layer of `args` (a V3.2 config) against context, dense (the same layer
-    without its indexer) and sparse alternating step by step in one process: {"dense"|"sparse": [(ctx, min s,
-    median s)]}. The caches are filled with random values (a step's cost does not depend on them), so no prefill."""
-    layers = {}
-    for name, a in (("dense", args.replace(index_n_heads=0)), ("sparse", args)):
-        torch.manual_seed(0)
-        layers[name] = MLA(a.replace(max_seq_len=max(contexts) + steps + warmup)).eval()
-        with torch.no_grad():
-            for p in layers[name].parameters():
-                p.normal_(0, 0.02)
-    out: dict[str, list] = {n: [] for n in layers}
-    for ctx in contexts:
-        n_pos = ctx + steps + warmup
-        caches = {n: attn.new_cache(1, n_pos, torch.float32, "cpu") for n, attn in layers.items()}
-        for c in caches.values():
-            for t in c.tensors.values():
-                t.normal_()
-        cos, sin = rope_cos_sin(args, torch.arange(n_pos))
-        times: dict[str, list[float]] = {n: [] for n in layers}
-        with torch.inference_mode():
-            for i in range(warmup + steps):
-                for n, attn in layers.items():
-                    x, p = torch.randn(1, 1, args.dim), ctx + i
-                    t = time.perf_counter()
-                    attn(x, p, cos[p:p + 1], sin[p:p + 1], caches[n])
-                    if i >= warmup:
-                        times[n].append(time.perf_counter() - t)
-        for n, ts in times.items():
-            out[n].append((ctx, min(ts), statistics.median(ts)))
-    return out
-
-
-def run_sparse_layer(ns) -> int:
-    args = ModelArgs.load(ns.sparse_layer)
-    if not args.index_n_heads:
-        raise UsageError(f"--sparse-layer {ns.sparse_layer}: not a V3.2 config (index_n_heads is 0)")
-    contexts = sorted(ns.contexts) or [2048, 4096, 8192, 16384, 32000]
-    torch.set_num_threads(ns.threads)
-    curves = sparse_layer_curves(args.replace(dtype="bf16"), contexts)
-    if ns.json:
-        print(json.dumps(dict(config=ns.sparse_layer, index_topk=args.index_topk, threads=ns.threads, curves=curves,
-                              machine=machine_info())))
-        return 0
-    print(f"one attention layer of {ns.sparse_layer} (index_topk {args.index_topk}), float32, {ns.threads} thread(s): "
-          "decode step ms, min / median")
-    for (ctx, dmin, dmed), (_, smin, smed) in zip(curves["dense"], curves["sparse"]):
-        print(f"  context {ctx:>6}: dense {1e3 * dmin:8.1f} / {1e3 * dmed:8.1f}   sparse {1e3 * smin:8.1f} / {1e3 * smed:8.1f}")
-    return 0
-
-
 # ---------------------------------------------------------------------- driver
 def run(ns) -> int:
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
         return 0
-    if ns.sparse_layer:
-        return run_sparse_layer(ns)
-
-    attn = [a for a in ns.attn.split(",") if a]
-    if not attn or any(a not in ("absorb", "naive") for a in attn):
-        raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
-    if ns.sparse and ns.ckpt:
-        raise UsageError("--sparse times the preset with and without an indexer: give --preset, not --ckpt")
-    if ns.plot:
-        check_output_path(ns.plot, "--plot")
+    _check_args(ns)
     ckpt = Path(ns.ckpt) if ns.ckpt else ensure_checkpoint(ns.preset, ns.dtype)
     args = ModelArgs.from_hf_config(ckpt)
-    impls = [f"dsv3:{a}" for a in attn]
-    if ns.cuda_graph and not ns.device.startswith("cuda"):
-        raise UsageError(f"--cuda-graph needs --device cuda (got --device {ns.device})")
-    modes = {}  # impl name -> DecodeRunner mode
-    if ns.static:
-        modes["dsv3-static:absorb"] = "static"
-    if ns.compile and not ns.cuda_graph:
-        modes["dsv3-compile:absorb"] = "compile"
-    if ns.cuda_graph:
-        modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
-            "compile+cuda-graph" if ns.compile else "cuda-graph"
-    impls += list(modes)
-    ckpts = dict.fromkeys(impls, ckpt)
-    if ns.sparse:  # V3.2's sparse attention beside the dense rows (the preset without an indexer)
-        sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
-        ckpts |= dict.fromkeys(sparse, ensure_checkpoint(ns.preset, ns.dtype, ns.sparse))
-        impls += sparse
-    extra: dict[str, dict] = {}  # impl -> extra worker spec fields
-    if "llama.cpp" in ns.compare:
-        from dsv3.bench import llama_cpp
-
-        src = llama_cpp.check_available(ns.llama_cpp_src)
-        extra["llama.cpp"] = dict(gguf=str(llama_cpp.ensure_gguf(ckpt, ns.dtype, src)))
-    for peer in ns.compare:
-        impls.append(peer)
-        ckpts[peer] = ckpt
-    check_greedy(impls, ckpts, extra, ns, args.vocab_size)
+    impls, specs = _implementations(ns, ckpt, args.vocab_size)
+    peers = [i for i in impls if i in PEER_KEYS]
+    agreement = check_agreement({i: specs[i] for i in ["dsv3:absorb"] + peers}, spawn_worker, ns.dtype) if peers else {}
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
     bpp = 4 if ns.dtype == "float32" else 2
     rows = []
@@ -342,38 +258,18 @@ def run(ns) -> int:
             cell: dict[str, list[dict]] = {i: [] for i in impls}
             for _ in range(ns.repeats):
                 for impl in impls:  # alternate implementations run by run
-                    spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads, batch=batch,
-                                device=ns.device, prompt=prompt, new=ns.new, vocab=args.vocab_size,
-                                mode=modes.get(impl, "readable"))
-                    cell[impl].append(_spawn(spec))
+                    cell[impl].append(spawn_worker(specs[impl] | dict(batch=batch, prompt=prompt, new=ns.new)))
             floor_s = floor_bytes(args, batch, bpp) / bw
-            for impl, runs in cell.items():
-                if not runs:
-                    continue
-                med = lambda k, runs=runs: statistics.median(r[k] for r in runs)  # noqa: E731
-                rows.append(dict(impl=impl, batch=batch, prompt=prompt,
-                                 prefill_tok_s=batch * prompt / med("prefill_s"),
-                                 decode_tok_s=batch / med("decode_step_s"),
-                                 decode_step_ms=1e3 * med("decode_step_s"),
-                                 first_step_s=med("first_step_s"),
-                                 x_floor=med("decode_step_s") / floor_s,
-                                 peak_rss_mb=med("peak_rss") / 2**20,
-                                 rss_growth_mb=med("peak_rss_growth") / 2**20,
-                                 kv_bytes_per_token=med("kv_bytes_per_token")))
+            rows += [_row(impl, batch, prompt, runs, floor_s) for impl, runs in cell.items() if runs]
     curves = {}
     if ns.contexts:
         ctx = list(ns.contexts)
         for impl in impls:
-            spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts[impl]), dtype=ns.dtype, threads=ns.threads,
-                                              batch=1, prompt=min(ctx),
-                        device=ns.device,
-                        new=1, vocab=args.vocab_size, contexts=ctx, mode=modes.get(impl, "readable"))
-            curves[impl] = _spawn(spec)["curve"]
+            curves[impl] = spawn_worker(specs[impl] | dict(batch=1, prompt=min(ctx), new=1, contexts=ctx))["curve"]
     floor_ms = {b: 1e3 * floor_bytes(args, b, bpp) / bw for b in ns.batch}
     _add_ratios(rows)
     result = dict(ckpt=str(ckpt), dtype=ns.dtype, device=ns.device, threads=ns.threads, read_gb_s=bw / 1e9,
-                  floor_ms=floor_ms,
-                  rows=rows, curves=curves, machine=machine_info())
+                  floor_ms=floor_ms, agreement=agreement, rows=rows, curves=curves, machine=machine_info())
     if ns.plot and curves:
         _plot(curves, floor_ms[min(floor_ms)], ns.plot, ns.dtype)
     if ns.json:
@@ -383,26 +279,58 @@ def run(ns) -> int:
     return 0
 
 
-GREEDY_PROMPT, GREEDY_NEW = 32, 16
+def _check_args(ns) -> None:
+    """The refusals that need no checkpoint, before one is read or written."""
+    attn = [a for a in ns.attn.split(",") if a]
+    if not attn or any(a not in ("absorb", "naive") for a in attn):
+        raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
+    if ns.sparse and ns.ckpt:
+        raise UsageError("--sparse times the preset with and without an indexer: give --preset, not --ckpt")
+    if ns.cuda_graph and not ns.device.startswith("cuda"):
+        raise UsageError(f"--cuda-graph needs --device cuda (got --device {ns.device})")
+    if ns.plot:
+        check_output_path(ns.plot, "--plot")
 
 
-def check_greedy(impls: list[str], ckpts: dict, extra: dict, ns, vocab: int) -> None:
-    """Before any timing: every peer engine's greedy tokens (batch 1, a random 32-token prompt, 16 tokens) equal
-    dsv3's readable path on the same checkpoint -- so the engines timed side by side compute the same model."""
-    peers = [i for i in impls if i in ("transformers", "llama.cpp")]
-    if not peers:
-        return
-    got = {}
-    for impl in ["dsv3:absorb"] + peers:
-        spec = extra.get(impl, {}) | dict(impl=impl, ckpt=str(ckpts.get(impl, ckpts[impls[0]])), dtype=ns.dtype,
-                                          threads=ns.threads, batch=1, device=ns.device, prompt=GREEDY_PROMPT,
-                                          new=GREEDY_NEW, vocab=vocab, greedy=GREEDY_NEW)
-        got[impl] = _spawn(spec)["greedy"]
-    for peer in peers:
-        if got[peer] != got["dsv3:absorb"]:
-            i = next(j for j, (a, b) in enumerate(zip(got[peer], got["dsv3:absorb"])) if a != b)
-            raise RuntimeError(f"{peer}'s greedy tokens differ from dsv3's at step {i}: {got[peer]} vs "
-                               f"{got['dsv3:absorb']} -- the engines do not compute the same model; no timing reported")
+def _implementations(ns, ckpt: Path, vocab: int) -> tuple[list[str], dict[str, dict]]:
+    """The implementations to time, in order, and each one's worker spec (batch, prompt and new added per cell)."""
+    attn = [a for a in ns.attn.split(",") if a]
+    impls = [f"dsv3:{a}" for a in attn]
+    modes = {}  # impl name -> DecodeRunner mode
+    if ns.static:
+        modes["dsv3-static:absorb"] = "static"
+    if ns.compile and not ns.cuda_graph:
+        modes["dsv3-compile:absorb"] = "compile"
+    if ns.cuda_graph:
+        modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
+            "compile+cuda-graph" if ns.compile else "cuda-graph"
+    impls += list(modes)
+    ckpts = dict.fromkeys(impls + list(ns.compare) + ["dsv3:absorb"], ckpt)
+    if ns.sparse:  # V3.2's sparse attention beside the dense rows (the preset without an indexer)
+        sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
+        ckpts |= dict.fromkeys(sparse, ensure_checkpoint(ns.preset, ns.dtype, ns.sparse))
+        impls += sparse
+    extra: dict[str, dict] = {}  # impl -> extra worker spec fields
+    if "llama.cpp" in ns.compare:
+        src = llama_cpp.check_available(ns.llama_cpp_src)
+        extra["llama.cpp"] = dict(gguf=str(llama_cpp.ensure_gguf(ckpt, ns.dtype, src)))
+    impls += list(ns.compare)
+    specs = {i: extra.get(i, {}) | dict(impl=i, ckpt=str(ckpts[i]), dtype=ns.dtype, threads=ns.threads,
+                                        device=ns.device, vocab=vocab, mode=modes.get(i, "readable"))
+             for i in impls + ["dsv3:absorb"]}
+    return impls, specs
+
+
+def _row(impl: str, batch: int, prompt: int, runs: list[dict], floor_s: float) -> dict:
+    """One table row from a cell's fresh-process runs: medians."""
+    def med(k):
+        return statistics.median(r[k] for r in runs)
+
+    return dict(impl=impl, batch=batch, prompt=prompt, prefill_tok_s=batch * prompt / med("prefill_s"),
+                decode_tok_s=batch / med("decode_step_s"), decode_step_ms=1e3 * med("decode_step_s"),
+                first_step_s=med("first_step_s"), x_floor=med("decode_step_s") / floor_s,
+                peak_rss_mb=med("peak_rss") / 2**20, rss_growth_mb=med("peak_rss_growth") / 2**20,
+                kv_bytes_per_token=med("kv_bytes_per_token"))
 
 
 PEER_KEYS = {"transformers": "transformers", "llama.cpp": "llama_cpp"}
@@ -451,6 +379,9 @@ def _print_table(res: dict) -> None:
                 v = r.get(f"{what}_vs_{k}")
                 line += f"{(f'{v:.2f}x' if v else '-'):>13}"
         print(line + f"{r['peak_rss_mb']:>9.0f}{r['rss_growth_mb']:>9.0f}{r['kv_bytes_per_token']:>10.0f}")
+    for peer, a in res["agreement"].items():
+        print(f"{peer} vs dsv3 before timing: teacher-forced logits {a['rel_err']:.1e} (median relative L2), "
+              f"greedy tokens equal for {a['greedy_same']} of {AGREE_NEW} steps")
     for impl, curve in res["curves"].items():
         print(f"{impl}: step ms by context " + ", ".join(f"{c}: {1e3 * s:.2f}" for c, s in curve))
 

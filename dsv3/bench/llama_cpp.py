@@ -18,11 +18,16 @@ what it converts:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from dsv3.errors import UsageError
 
@@ -89,10 +94,6 @@ def ensure_gguf(ckpt: Path, dtype: str, src: Path) -> Path:
 
 def _byte_tokenizer(path: Path) -> None:
     """tokenizer.json + tokenizer_config.json: byte-level BPE over the 256 byte symbols and one merge (ids 0-256)."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {sym: i for i, sym in enumerate(symbols)} | {"\u0120t": len(symbols)}  # "Ġt": space + t
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")]))
@@ -132,9 +133,6 @@ class LlamaCppRunner:
 
     def _run(self, ids, start: int):
         """Feed ids (b, s) at positions start.. to their sequences, 512 tokens per llama_decode."""
-        import numpy as np
-        import torch
-
         L, batch = self.L, self.batch
         rows = ids.tolist()
         pending = [(seq, start + i, tok) for seq, row in enumerate(rows) for i, tok in enumerate(row)]
@@ -147,7 +145,7 @@ class LlamaCppRunner:
                 batch.logits[j] = pos == start + len(rows[seq]) - 1
             if L.llama_decode(self.ctx, batch) != 0:
                 raise RuntimeError(f"llama_decode failed at positions {chunk[0][1]}..{chunk[-1][1]}")
-            for j, (seq, pos, _) in enumerate(chunk):
+            for j, (seq, _, _) in enumerate(chunk):
                 if batch.logits[j]:
                     ptr = L.llama_get_logits_ith(self.ctx, j)
                     last[seq] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()

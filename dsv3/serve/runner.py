@@ -15,8 +15,9 @@ slots (`Indexer.keys`, FP8 + scales with index_fp8), its queries are scored agai
 gathers, and `Indexer.select` keeps the top min(index_topk, position + 1) per query; `attend_latent` then reads
 only those latent rows -- the arithmetic of `Indexer.forward` over a contiguous cache. The decode tokens do
 this together too, over the same padded grid (each one's position masks its padding). Under tensor
-parallelism the collectives are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as modules, and the MLA
-module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs this code unchanged.
+parallelism the collectives are forward hooks on the modules (`dsv3.parallel`): the FFN and head are called as
+modules, and the MLA module's own hooks (the all-reduce of its output) are run here after `wo`, so a rank runs
+this code unchanged.
 
 Axes: b sequences in the batch, s a sequence's new tokens, t its cached positions, n packed tokens, h heads,
 d head dim, c latent, r rope dim, m model dim, v vocab.

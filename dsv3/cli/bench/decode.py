@@ -67,6 +67,10 @@ def add_args(p) -> None:
 
 
 def run(ns) -> int:
+    if ns.sparse_layer and not ns.worker:
+        from dsv3.bench import sparse_layer
+
+        return sparse_layer.run_sparse_layer(ns)
     from dsv3.bench import decode
 
     return decode.run(ns)

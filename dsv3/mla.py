@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dsv3 import cpu_bf16
 from dsv3.config import ModelArgs
 from dsv3.indexer import Indexer, Selection
 from dsv3.layers import Linear, RMSNorm
@@ -196,15 +197,15 @@ class MLA(nn.Module):
         per sequence (b, s, t) (dsv3.serve's padded decode batch).
         `sel` (V3.2): attend to the indexer's keys only -- gathered rows, or its dense mask instead of `mask`.
         """
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
+        q_lat = cpu_bf16.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # W_UK folded into q
         if sel is not None and sel.gathers:
             o_lat = sel.attend_latent(q_lat, q_pe, kv, k_pe, self.softmax_scale)
         else:
-            scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
-                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            scores = (cpu_bf16.einsum("bshc,btc->bsht", q_lat, kv)
+                      + cpu_bf16.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
             probs = _softmax(scores, mask if sel is None else sel.dense_mask(), q_nope.dtype)
-            o_lat = torch.einsum("bsht,btc->bshc", probs, kv)
-        return torch.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
+            o_lat = cpu_bf16.einsum("bsht,btc->bshc", probs, kv)
+        return cpu_bf16.einsum("bshc,hdc->bshd", o_lat, wkv_b[:, self.nope:])  # W_UV applied after attention
 
     def expanding_pays(self, s: int) -> bool:
         """Whether s queries are cheaper against per-head K/V expanded from the cached latents.

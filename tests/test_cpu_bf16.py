@@ -8,7 +8,7 @@ from dsv3 import cpu_bf16
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("rows", [1, cpu_bf16.UPCAST_ROWS - 1, cpu_bf16.UPCAST_ROWS, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 300])
 def test_linear_matches_float64_rounded_to_bf16(monkeypatch, native, rows):
     monkeypatch.setattr(cpu_bf16, "has_bf16_arithmetic", lambda: native)
     g = torch.Generator().manual_seed(rows)
@@ -19,10 +19,21 @@ def test_linear_matches_float64_rounded_to_bf16(monkeypatch, native, rows):
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 384)
     # one bf16 rounding of the exact result (2^-8 relative), plus float32 summation order
     torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-4)
-    if not native and 2 * rows >= cpu_bf16.UPCAST_ROWS:  # the upcast branch: bit-identical to doing it by hand
+    if not native and 2 * rows >= cpu_bf16.UPCAST_ROWS:  # the upcast branch (a small weight): as done by hand
         assert torch.equal(got, F.linear(x.float(), w.float()).bfloat16())
 
 
 def test_has_bf16_arithmetic_reads_the_cpu_flags():
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     assert cpu_bf16.has_bf16_arithmetic() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_large_weights_are_upcast_from_more_rows(monkeypatch):
+    """A head-sized weight (over LARGE_WEIGHT elements) stays in bf16 below UPCAST_ROWS_LARGE rows."""
+    monkeypatch.setattr(cpu_bf16, "has_bf16_arithmetic", lambda: False)
+    calls = []
+    monkeypatch.setattr(cpu_bf16.F, "linear", lambda x, w: calls.append(x.dtype) or x @ w.t())
+    w = torch.zeros(cpu_bf16.LARGE_WEIGHT // 64 + 1, 64, dtype=torch.bfloat16)
+    for rows in (cpu_bf16.UPCAST_ROWS, cpu_bf16.UPCAST_ROWS_LARGE):
+        cpu_bf16.linear(torch.zeros(rows, 64, dtype=torch.bfloat16), w)
+    assert calls == [torch.bfloat16, torch.float32]

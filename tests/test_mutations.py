@@ -45,8 +45,8 @@ MUTATIONS = {
         ["test_speculative.py::test_cli_mtp_flag_drafts_and_accepts_when_sampling",
          "test_bundled_model.py::test_generate_mtp_on_the_bundled_model_accepts_drafts"]),
     "latent attention off by a transpose": (
-        "dsv3/mla.py", 'q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])',
-        'q_lat = torch.einsum("bshd,hdc->bshc", q_nope, '
+        "dsv3/mla.py", 'q_lat = cpu_bf16.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])',
+        'q_lat = cpu_bf16.einsum("bshd,hdc->bshc", q_nope, '
         'wkv_b[:, : self.nope].transpose(0, 1).reshape(wkv_b.shape[0], self.nope, -1))',
         ["test_mla.py::test_mla_matches_float64_reference[latent-tiny]",
          "test_mla.py::test_decode_steps_match_float64_reference[latent]",

@@ -106,7 +106,8 @@ def worker(spec: dict) -> dict:
     if spec["impl"] == "transformers":
         step, prefill, cache_bytes, weights_bytes = _transformers_runner(spec["ckpt"], dtype, device)
     elif spec["impl"] == "llama.cpp":
-        runner = llama_cpp.LlamaCppRunner(Path(spec["gguf"]), total, spec["threads"], spec["dtype"], b)
+        runner = llama_cpp.LlamaCppRunner(Path(spec["gguf"]), total, spec["threads"], spec["dtype"], b,
+                                          exact=bool(spec.get("agree")))
         step, prefill, cache_bytes = runner.step, runner.prefill, runner.cache_bytes
         weights_bytes = Path(spec["gguf"]).stat().st_size
     else:

@@ -105,10 +105,11 @@ def _byte_tokenizer(path: Path) -> None:
 
 class LlamaCppRunner:
     """One llama.cpp context over `gguf` holding `batch` sequences (its own seq ids, not kv_unified: the
-    sequences share no prefix). `prefill(ids (b, s))` / `step(ids (b, s), pos)` return the last position's
+    sequences share no prefix). `exact`: flash attention off, so that float32 is float32 throughout (the
+    agreement check); otherwise llama.cpp's defaults. `prefill(ids (b, s))` / `step(ids (b, s), pos)` return the last position's
     logits of every sequence as a (b, 1, vocab) float32 torch tensor, as the other engines' runners do."""
 
-    def __init__(self, gguf: Path, n_ctx: int, threads: int, dtype: str, batch: int = 1):
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, dtype: str, batch: int = 1, exact: bool = False):
         import llama_cpp as L
 
         L.llama_backend_init()
@@ -124,6 +125,8 @@ class LlamaCppRunner:
         cp.n_threads = cp.n_threads_batch = threads
         # the cache in the weights' dtype, as dsv3 and transformers keep it (llama.cpp's default is float16)
         cp.type_k = cp.type_v = {"float32": L.GGML_TYPE_F32, "bfloat16": GGML_TYPE_BF16}[dtype]
+        if exact:  # its CPU flash attention (on by default) rounds to float16 inside: 4-6e-3 relative in float32
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx * batch} positions for {gguf}")

@@ -1,4 +1,4 @@
-"""Prefill and decode speed of dsv3 (optionally beside transformers) against the memory-bandwidth floor.
+"""Prefill and decode speed of dsv3 (optionally beside transformers and llama.cpp) against the memory-bandwidth floor.
 
 The work behind `dsv3 bench decode`. What it computes, and why, is the command's description: the
 docstring of `dsv3/cli/bench/decode.py` (what `dsv3 bench decode --help` shows), kept there so that --help needs no torch.

@@ -37,3 +37,17 @@ def test_large_weights_are_upcast_from_more_rows(monkeypatch):
     for rows in (cpu_bf16.UPCAST_ROWS, cpu_bf16.UPCAST_ROWS_LARGE):
         cpu_bf16.linear(torch.zeros(rows, 64, dtype=torch.bfloat16), w)
     assert calls == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_einsum_matches_float64_rounded_to_bf16(monkeypatch, native):
+    """The latent attention's contraction (8 sequences x 8 heads against 517 cached latents) in bf16."""
+    monkeypatch.setattr(cpu_bf16, "has_bf16_arithmetic", lambda: native)
+    g = torch.Generator().manual_seed(0)
+    probs, kv = torch.rand(8, 1, 8, 517, generator=g).bfloat16(), torch.randn(8, 517, 128, generator=g).bfloat16()
+    got = cpu_bf16.einsum("bsht,btc->bshc", probs, kv)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), torch.einsum("bsht,btc->bshc", probs.double(), kv.double()),
+                               rtol=2 ** -8, atol=1e-2)
+    if not native:
+        assert torch.equal(got, torch.einsum("bsht,btc->bshc", probs.float(), kv.float()).bfloat16())

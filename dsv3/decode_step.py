@@ -16,7 +16,12 @@ depends on a value on the host:
 - routed experts are applied by gathering the chosen experts' rows from weights
   stacked as (e, f, m) (`MoE.stacked_experts`, `experts_stacked` in dsv3.moe: each
   expert's Linear weight becomes a view of that one buffer, so stacking costs no second
-  copy of the experts).
+  copy of the experts; FP8 experts are gathered as FP8 with their block scales and
+  dequantised after the gather) -- or, once the batch's n·k choices would gather more
+  than a quarter as many copies as there are experts (`gathering_pays`), by running every
+  expert on every token through its own Linear, weighted 0 where it was not chosen
+  (`experts_all`: each expert read once; the FP8 GEMM for FP8 experts). Which one is a
+  function of the shapes only, fixed for a given batch.
 
 Nothing here re-implements the model: attention is `MLA.forward_static`, which shares
 its projections and its absorbed attention with the readable path (dsv3.mla), and the
@@ -31,9 +36,8 @@ cache, decode steps (s = 1) through the static step -- eager, `torch.compile`d
 (fullgraph), and/or replayed as a captured CUDA graph. Tests hold the static step
 equal to the readable path (logits and greedy tokens).
 
-Limits: absorbed attention only (`attn_impl="absorb"`); routed experts must have
-bf16/fp32 weights (FP8 experts: load with a float dtype); all experts local (no
-expert parallelism); MTP modules are not used.
+Limits: absorbed attention only (`attn_impl="absorb"`); all experts local (no expert
+parallelism); MTP modules are not used.
 """
 
 from __future__ import annotations

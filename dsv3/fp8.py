@@ -96,10 +96,26 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None =
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """q (N, K) fp8 × per-block s (⌈N/bs⌉, ⌈K/bs⌉) → (N, K) in `dtype`, computed in float32."""
-    n, k = q.shape
-    scale = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]
-    return (q.float() * scale).to(dtype)
+    """q (..., N, K) fp8 × per-block s (..., ⌈N/bs⌉, ⌈K/bs⌉) → (..., N, K) in `dtype`, computed in float32.
+
+    Leading axes are a batch of weights (the static decode step's gathered experts). Computed like
+    `weight_quant`: padded to whole blocks, viewed as (..., ⌈N/bs⌉, bs, ⌈K/bs⌉, bs) and multiplied by the
+    broadcast scales. (Expanding the scales to (N, K) with `repeat_interleave` or by indexing computes the
+    same eagerly, but Inductor on CPU, torch 2.13, miscompiles those forms fused with the FP8 cast: the
+    compiled static step gave NaN. tests/test_fp8.py compiles this one.)"""
+    n, k = q.shape[-2:]
+    nbn, nbk = s.shape[-2:]
+    blocks = _pad_to_blocks(q.float(), block_size, (q.dim() - 2, q.dim() - 1))
+    blocks = blocks.unflatten(-1, (nbk, block_size)).unflatten(-3, (nbn, block_size))  # (..., nbn, bs, nbk, bs)
+    out = (blocks * s[..., :, None, :, None]).flatten(-4, -3).flatten(-2, -1)
+    return out[..., :n, :k].to(dtype)
+
+
+def act_dequant(y: torch.Tensor, s: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values `act_quant` stands for: y (..., K) fp8 × s (..., ⌈K/bs⌉) → (..., K) in `dtype`."""
+    k = y.shape[-1]
+    blocks = _pad_to_blocks(y.float(), block_size, (y.dim() - 1,)).unflatten(-1, (s.shape[-1], block_size))
+    return (blocks * s[..., None]).flatten(-2)[..., :k].to(dtype)  # as weight_dequant: no repeat_interleave
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,

@@ -20,7 +20,12 @@ Three expert paths compute the same sum:
     and contract them: no data-dependent shape, no value read on the host (what
     `torch.compile` and CUDA graphs need: dsv3.decode_step). `MoE.stacked_experts` builds
     the stacks by re-pointing each expert's weight to a slice of one buffer per projection,
-    so stacking costs no second copy of the experts.
+    so stacking costs no second copy of the experts. FP8 experts are gathered as FP8 with
+    their block scales and dequantised after the gather (only the chosen experts' blocks).
+  - `experts_all`: every expert on every token, weighted by the routing (0 where not chosen):
+    also static, and what the static step uses once the batch chooses most experts anyway
+    (`gathering_pays`): each expert's weights are read once, through its own Linear (the FP8
+    GEMM for FP8 experts), instead of one gathered copy per (token, slot).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import fp8
 from dsv3.config import ModelArgs
 from dsv3.errors import UsageError
 from dsv3.layers import MLP
@@ -83,22 +89,26 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, **linear_kw) \
             if args.n_shared_experts > 0 else None
         self.dispatch = experts_grouped if args.moe_impl == "grouped" else experts_loop
+        self.block_size, self.gemm_impl = args.block_size, args.gemm_impl  # for stacked FP8 experts
 
     def forward(self, x: torch.Tensor, stacked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (..., m) -> (..., m). `stacked` (from `stacked_experts`): route through `experts_stacked` instead
-        of the configured dispatch (the static decode step's path)."""
+        """x (..., m) -> (..., m). `stacked` (from `stacked_experts`): a static path instead of the configured
+        dispatch (the static decode step's): `experts_stacked` while `gathering_pays`, else `experts_all`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (n, m)
         weights, indices = self.gate(x)
         if stacked is None:
             routed = self.dispatch(self.experts, x, weights, indices)
+        elif gathering_pays(*indices.shape, self.n_routed_experts):
+            routed = experts_stacked(stacked, x, weights, indices, self.block_size, self.gemm_impl)
         else:
-            routed = experts_stacked(stacked, x, weights, indices)
+            routed = experts_all(self.experts, x, weights, indices)
         out = routed if self.shared_experts is None else routed + self.shared_experts(x)
         return out.view(shape)
 
     def stacked_experts(self) -> dict[str, torch.Tensor]:
-        """{"w1": (e, f, m), "w2": (e, m, f), "w3": (e, f, m)} views over one buffer per projection.
+        """{"w1": (e, f, m), "w2": (e, m, f), "w3": (e, f, m)} views over one buffer per projection; FP8 experts
+        add their block scales, {"w1.scale": (e, ⌈f/bs⌉, ⌈m/bs⌉), ...}, stacked the same way.
 
         If the experts' weights already lie back to back in one storage (a previous call
         stacked them), the stack is that storage; otherwise one buffer is allocated, each
@@ -111,13 +121,12 @@ class MoE(nn.Module):
             raise UsageError("the static decode step needs every routed expert on this device (no expert parallelism)")
         out = {}
         for name in PROJECTIONS:
-            ws = [getattr(e, name).weight for e in experts]
-            if ws[0].dtype == torch.float8_e4m3fn:
-                raise UsageError("the static decode step needs bf16/fp32 expert weights; this model has FP8 experts: "
-                                 "dequantise them at load (--dtype bfloat16, or load_model(..., dtype=torch.bfloat16)) "
-                                 "or decode without --compile/--cuda-graph")
-            stack = _contiguous_stack(ws)
-            out[name] = _restack(ws) if stack is None else stack
+            linears = [getattr(e, name) for e in experts]
+            for key, ws in ((name, [lin.weight for lin in linears]), (f"{name}.scale", [lin.scale for lin in linears])):
+                if ws[0] is None:  # no scale: a bf16/fp32 expert
+                    continue
+                stack = _contiguous_stack(ws)
+                out[key] = _restack(ws) if stack is None else stack
         return out
 
 
@@ -178,14 +187,50 @@ def experts_grouped(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tens
     return y.to(x.dtype)
 
 
+def gathering_pays(n: int, k: int, e: int) -> bool:
+    """Whether gathering each (token, slot)'s expert weights reads less than streaming all e experts once.
+
+    A gathered copy is read, written and read again (plus a dequantisation for FP8); streaming reads each
+    expert once. A few copies per expert are the break-even; 4 is where the static step switches. n·k counts
+    repeats: tokens that pick the same expert each get their own copy."""
+    return 4 * n * k <= e
+
+
 def experts_stacked(stacked: dict[str, torch.Tensor], x: torch.Tensor, weights: torch.Tensor,
-                    indices: torch.Tensor) -> torch.Tensor:
+                    indices: torch.Tensor, block_size: int = 128, gemm_impl: str = "bf16") -> torch.Tensor:
     """The same sum from the stacked weights (`MoE.stacked_experts`): each token's k experts' rows gathered
-    and contracted, every shape fixed by (n, k); summed over k in float32 as the loop does."""
-    w1, w2, w3 = (stacked[name][indices] for name in PROJECTIONS)  # (n k f m), (n k m f), (n k f m)
-    act = F.silu(torch.einsum("nm,nkfm->nkf", x, w1)) * torch.einsum("nm,nkfm->nkf", x, w3)
-    y = torch.einsum("nkf,nkmf->nkm", act, w2)
+    and contracted, every shape fixed by (n, k); summed over k in float32 as the loop does.
+
+    FP8 stacks: the gathered blocks are dequantised into x's dtype, as `fp8_linear` dequantises a weight;
+    with gemm_impl "fp8" the activations are also rounded through `act_quant` first, so the products are
+    those of the block-scaled FP8 GEMM (up to summation order)."""
+
+    def gathered(name: str) -> torch.Tensor:
+        w = stacked[name][indices]  # (n, k, rows, cols)
+        s = stacked.get(f"{name}.scale")
+        return w if s is None else fp8.weight_dequant(w, s[indices], block_size, x.dtype)
+
+    def operand(a: torch.Tensor) -> torch.Tensor:
+        if gemm_impl != "fp8" or "w1.scale" not in stacked:
+            return a
+        return fp8.act_dequant(*fp8.act_quant(a, block_size), block_size, a.dtype)
+
+    w1, w2, w3 = (gathered(name) for name in PROJECTIONS)  # (n k f m), (n k m f), (n k f m)
+    xq = operand(x)
+    act = F.silu(torch.einsum("nm,nkfm->nkf", xq, w1)) * torch.einsum("nm,nkfm->nkf", xq, w3)
+    y = torch.einsum("nkf,nkmf->nkm", operand(act), w2)
     return (y * weights[..., None]).float().sum(1).to(x.dtype)  # (n, m)
+
+
+def experts_all(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The same sum with every expert run on every token, weighted by its routing weight (0 if not chosen):
+    static shapes, each expert's weights read once through its own Linear."""
+    routing = torch.zeros(x.shape[0], len(experts), dtype=torch.float32, device=x.device)
+    routing.scatter_add_(1, indices, weights.float())  # (n, e)
+    y = torch.zeros_like(x, dtype=torch.float32)
+    for i, expert in enumerate(experts):
+        y += expert(x).float() * routing[:, i, None]
+    return y.to(x.dtype)
 
 
 def experts_dense_reference(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor,

@@ -92,17 +92,19 @@ def write_tiny_checkpoint(path, fp8: bool = False, seed: int = 0, v32: bool = Fa
 
 def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = None, n_shards: int = 3,
                      seed: int = 0, float_dtype: torch.dtype = torch.bfloat16, std: float = 0.05,
-                     tokenizer: bool = False, mtp_copies: bool = True) -> Path:
+                     tokenizer: bool = False, mtp_copies: bool = True, device: str | torch.device = "cpu") -> Path:
     """Write a random checkpoint for `args` (default `tiny_hf_args()`) to `path`; return the path.
 
     fp8 (default: args.dtype == "fp8") quantises exactly the tensors the release quantises.
+    `device`: where the values are drawn and quantised (a GPU writes a 25 GB slice in seconds, a CPU
+    core takes minutes); the values depend on the device's generator, so seed only repeats per device.
     """
     args = args or tiny_hf_args()
     fp8 = args.dtype == "fp8" if fp8 is None else fp8
     args = args.replace(dtype="fp8" if fp8 else "bf16")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     names = list(meta_state(args.replace(dtype="bf16")).items())
     chunks = [names[i * len(names) // n_shards:(i + 1) * len(names) // n_shards] for i in range(n_shards)]
     shared: dict[str, torch.Tensor] = {}
@@ -113,14 +115,16 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
         tensors: dict[str, torch.Tensor] = {}
         for ours, meta in chunk:
             hf = dsv3_name_to_hf(ours, args)
-            t = _random(ours, tuple(meta.shape), gen, std)
+            t = _random(ours, tuple(meta.shape), gen, std, device)
             if ours in ("embed.weight", "head.weight"):
                 shared[ours] = t
             if fp8 and is_quantized_in_release(hf):
                 q, s = weight_quant(t, args.block_size, args.scale_fmt)  # V3.1: power-of-two scales
-                tensors[hf], tensors[hf + "_scale_inv"] = q, s
+                tensors[hf], tensors[hf + "_scale_inv"] = q.cpu(), s.cpu()
             else:
-                tensors[hf] = t if ours.endswith("gate.bias") else t.to(float_dtype)
+                tensors[hf] = (t if ours.endswith("gate.bias") else t.to(float_dtype)).cpu()
+            if ours in shared:
+                shared[ours] = shared[ours].cpu()
         if i == n_shards - 1 and mtp_copies:
             for k in range(args.n_mtp_layers):
                 layer = args.n_layers + k
@@ -140,12 +144,13 @@ def write_checkpoint(path, args: ModelArgs | None = None, *, fp8: bool | None = 
     return path
 
 
-def _random(ours: str, shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.Tensor:
+def _random(ours: str, shape: tuple[int, ...], gen: torch.Generator, std: float, device="cpu") -> torch.Tensor:
+    r = torch.randn(shape, generator=gen, device=device)
     if ours.endswith("norm.weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=gen)
+        return 1 + 0.1 * r
     if ours.endswith("gate.bias"):
-        return 0.1 * torch.randn(shape, generator=gen)
-    return std * torch.randn(shape, generator=gen)
+        return 0.1 * r
+    return std * r
 
 
 def write_tokenizer(path, vocab_size: int = 320, corpus: str = _CORPUS) -> Path:

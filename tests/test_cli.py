@@ -96,7 +96,7 @@ COMMANDS = [path for path, _ in _commands(build_parser()) if path]
 
 def test_every_command_is_offered():
     assert {p[0] for p in COMMANDS} == {"info", "generate", "chat", "convert", "plan", "train", "bench", "serve"}
-    assert {p[1] for p in COMMANDS if len(p) == 2} == {"kernels", "decode", "mtp", "serve"}
+    assert {p[1] for p in COMMANDS if len(p) == 2} == {"kernels", "decode", "mtp", "serve", "slice"}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=" ".join)

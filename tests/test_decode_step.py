@@ -149,9 +149,6 @@ def test_decode_runner_rejects_what_it_cannot_do(make_model):
         DecodeRunner(model, 1, 8).step(torch.zeros(1, 1, dtype=torch.long), 8)
     with pytest.raises(UsageError, match="decode="):
         generate(model, [[1, 2]], 2, decode="fast")
-    fp8 = make_model(ModelArgs.preset("tiny", dtype="fp8"))
-    with pytest.raises(UsageError, match="FP8"):
-        DecodeRunner(fp8, 1, 8)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
@@ -211,13 +208,41 @@ def test_bench_decode_times_static_and_compiled_steps(tmp_path):
     assert r.returncode == 2 and "--cuda-graph" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_compile_on_fp8_experts_asks_for_dtype(fp8_ckpt_f32, capsys):
+# tiny: 16 experts, top-4 -- batch 1 gathers the chosen experts (4·1·4 <= 16), batch 3 runs all of them
+@pytest.mark.parametrize("batch", [1, 3], ids=["gathered", "all-experts"])
+@pytest.mark.parametrize("gemm_impl", ["bf16", "fp8"])
+def test_static_step_with_fp8_experts_equals_readable_path(make_model, batch, gemm_impl):
+    """FP8 experts stay FP8 in the static step: gathered with their scales and dequantised (batch 1), or
+    streamed through their own FP8 Linears (batch 3); the readable path's logits either way."""
+    from dsv3.moe import gathering_pays
+
+    model = make_model(ModelArgs.preset("tiny", dtype="fp8", gemm_impl=gemm_impl), seed=2)
+    args = model.args
+    assert gathering_pays(batch, args.n_activated_experts, args.n_routed_experts) == (batch == 1)
+    tokens = torch.randint(0, args.vocab_size, (batch, 14), generator=torch.Generator().manual_seed(3))
+    ref = readable_logits(model, tokens, prompt=5)
+    runner = DecodeRunner(model, batch, 24, "static")
+    moe = next(blk.ffn for blk in model.layers if isinstance(blk.ffn, MoE))
+    assert moe.experts[0].w1.weight.dtype == torch.float8_e4m3fn  # not dequantised to build the step
+    out = runner_logits(runner, tokens, prompt=5)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        assert torch.equal(o.argmax(-1), r.argmax(-1))
+
+
+@pytest.mark.slow
+def test_cli_compile_on_fp8_experts_same_tokens(fp8_ckpt_f32, capsys):
+    """`dsv3 generate --compile` on the FP8 release format as stored (no --dtype): the readable path's tokens."""
+    import json
+
     from dsv3.cli import main
 
-    args = ["generate", "--ckpt", str(fp8_ckpt_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "3",
-            "--device", "cpu", "--compile"]
-    assert main(args) == 2
-    assert "--dtype bfloat16" in capsys.readouterr().err
+    args = ["generate", "--ckpt", str(fp8_ckpt_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "4",
+            "--device", "cpu", "--json"]
+    assert main(args) == 0
+    ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+    assert main([*args, "--compile"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ref
 
 
 @pytest.mark.slow

@@ -156,6 +156,29 @@ def test_weight_quant_blocks_and_dequant(shape):
     assert torch.equal(fp8.weight_dequant(q, s), deq.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("lead,bs", [((), 128), ((3, 2), 64)])
+def test_batched_dequant_equals_per_matrix_and_survives_inductor(lead, bs):
+    """weight_dequant over a batch of weights (the static step's gathered experts) = one matrix at a time, and
+    act_dequant = act_quant's values, partial blocks included -- eagerly and compiled by Inductor (on CPU it
+    miscompiled the repeat_interleave form of this expansion: NaN from the compiled static step)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(*lead, 72, 200, generator=g).reshape(-1, 72, 200)
+    pairs = [fp8.weight_quant(m, bs) for m in w]
+    q = torch.stack([p[0] for p in pairs]).reshape(*lead, 72, 200)
+    s = torch.stack([p[1] for p in pairs]).reshape(*lead, *pairs[0][1].shape)
+    exact = torch.stack([a.double() * b.double().repeat_interleave(bs, 0)[:72].repeat_interleave(bs, 1)[:, :200]
+                         for a, b in pairs]).reshape(*lead, 72, 200).float()
+    x = torch.randn(5, 200, generator=g)
+    xq, xs = fp8.act_quant(x, bs)
+    exact_x = (xq.double() * xs.double().repeat_interleave(bs, -1)[:, :200]).float()
+    compiled_w = torch.compile(fp8.weight_dequant, fullgraph=True)
+    compiled_a = torch.compile(fp8.act_dequant, fullgraph=True)
+    for wd, ad in ((fp8.weight_dequant, fp8.act_dequant), (compiled_w, compiled_a)):
+        assert torch.equal(wd(q, s, bs, torch.float32), exact)
+        assert torch.equal(ad(xq, xs, bs), exact_x)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("lead,k,n", [((1,), 256, 128), ((7,), 200, 130), ((2, 3), 300, 257), ((5,), 64, 1)])
 def test_fp8_gemm_against_float64(lead, k, n):
     torch.manual_seed(4)

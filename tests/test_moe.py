@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelArgs
-from dsv3.moe import MoE, experts_dense_reference, experts_grouped, experts_loop, experts_stacked
+from dsv3.fp8 import weight_quant
+from dsv3.model import linear_kwargs
+from dsv3.moe import MoE, experts_all, experts_dense_reference, experts_grouped, experts_loop, experts_stacked
 
 
 def ref_gate(x, weight, bias, args: ModelArgs):
@@ -176,3 +178,32 @@ def test_stacked_experts_equal_the_loop_and_share_the_weights(n_tokens):
             assert all(getattr(e, name).weight.data_ptr() == stack[i].data_ptr() for i, e in enumerate(moe.experts))
         torch.testing.assert_close(moe(x, stacked), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(moe(x), ref, rtol=0, atol=0)  # re-pointing changed no value
+
+
+@pytest.mark.parametrize("gemm_impl", ["bf16", "fp8"])
+@pytest.mark.parametrize("block_size", [128, 32])
+def test_static_paths_on_fp8_experts_equal_the_loop(gemm_impl, block_size):
+    """FP8 experts with partial blocks (dim 200, width 72): gathering FP8 rows + scales and dequantising them,
+    and running every expert through its own FP8 Linear, both give the loop's sum (the readable FP8 path)."""
+    args = ModelArgs.tiny("tiny-hf", block_size=block_size, gemm_impl=gemm_impl)
+    moe = MoE(args, **linear_kwargs(args, torch.float32))
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for mod in moe.modules():
+            if getattr(mod, "is_fp8", False):
+                q, s = weight_quant(torch.randn(mod.weight.shape, generator=g) / mod.in_features ** 0.5, block_size)
+                mod.weight.copy_(q)
+                mod.scale.copy_(s)
+        moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=g) / args.dim ** 0.5)
+        x = torch.randn(5, args.dim, generator=g)
+        w, idx = moe.gate(x)
+        ref = experts_loop(moe.experts, x, w, idx)
+        stacked = moe.stacked_experts()
+        e, blocks = args.n_routed_experts, lambda d: -(-d // block_size)
+        assert stacked["w1"].dtype == torch.float8_e4m3fn
+        assert stacked["w2.scale"].shape == (e, blocks(args.dim), blocks(args.moe_inter_dim))
+        assert all(ex.w2.scale.data_ptr() == stacked["w2.scale"][i].data_ptr() for i, ex in enumerate(moe.experts))
+        torch.testing.assert_close(experts_stacked(stacked, x, w, idx, block_size, gemm_impl), ref,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(experts_all(moe.experts, x, w, idx), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(experts_loop(moe.experts, x, w, idx), ref, rtol=0, atol=0)  # values unchanged

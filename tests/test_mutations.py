@@ -55,8 +55,8 @@ MUTATIONS = {
         "dsv3/names.py", '("self_attn.o_proj", "attn.wo", 1)', '("self_attn.o_proj", "attn.wo", 0)',
         ["test_parallel.py::test_name_table_splits_what_the_hand_written_table_splits"]),
     "FP8 dequantised with one block's scale": (
-        "dsv3/fp8.py", "scale = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]",
-        "scale = s[:1, :1]",
+        "dsv3/fp8.py", "out = (blocks * s[..., :, None, :, None])",
+        "out = (blocks * s[..., :1, None, :1, None])",
         ["test_checkpoint.py::test_fp8_matches_transformers_on_dequantised_weights"]),
     "info: active experts off by one": (
         "dsv3/info.py", "active += _numel(blk) - _moe_inactive(blk.ffn, args)",

@@ -1,4 +1,4 @@
-"""benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving (`dsv3 bench kernels|decode|mtp|serve`).
+"""benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving, a full-width FP8 slice (`dsv3 bench kernels|decode|mtp|serve|slice`).
 
 Speed and memory are measured here, never in the tests; `dsv3 bench BENCHMARK --help` says what each
 one times and against what.
@@ -14,7 +14,7 @@ import argparse
 
 from dsv3.cli import add_commands
 
-HELP = "benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving (`dsv3 bench kernels|decode|mtp|serve`)."
+HELP = "benchmarks: FP8 kernels, decoding speed, MTP speculative decoding, serving, a full-width FP8 slice (`dsv3 bench kernels|decode|mtp|serve|slice`)."
 
 # sub-benchmark -> module, imported only when the parser is built
 BENCHMARKS = {
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "decode": "dsv3.cli.bench.decode",
     "mtp": "dsv3.cli.bench.mtp",
     "serve": "dsv3.cli.bench.serve",
+    "slice": "dsv3.cli.bench.slice",
 }
 
 

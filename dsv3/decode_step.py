@@ -18,7 +18,7 @@ depends on a value on the host:
   expert's Linear weight becomes a view of that one buffer, so stacking costs no second
   copy of the experts; FP8 experts are gathered as FP8 with their block scales and
   dequantised after the gather) -- or, once the batch's n·k choices would gather more
-  than a quarter as many copies as there are experts (`gathering_pays`), by running every
+  copies than there are experts (`gathering_pays`), by running every
   expert on every token through its own Linear, weighted 0 where it was not chosen
   (`experts_all`: each expert read once; the FP8 GEMM for FP8 experts). Which one is a
   function of the shapes only, fixed for a given batch.

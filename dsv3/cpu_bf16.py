@@ -27,10 +27,15 @@ UPCAST_ROWS, UPCAST_ROWS_LARGE, LARGE_WEIGHT = 4, 32, 1 << 22
 UPCAST_ELEMENTS = 1 << 14
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a fact of the machine: Dynamo calls it while tracing, keeps the answer
 def has_bf16_arithmetic() -> bool:
     """Whether this CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags). Where the
     flags cannot be read (not Linux), assume it does: torch's own bf16 path is then used as before."""
+    return _cpu_flags_say_bf16()
+
+
+@functools.cache  # (kept apart: Dynamo would trace into a cached function instead of calling it)
+def _cpu_flags_say_bf16() -> bool:
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), None)
     except OSError:

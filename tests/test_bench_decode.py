@@ -194,3 +194,22 @@ def test_agreement_check_refuses_a_peer_computing_another_model(tmp_path, monkey
         agreement.check_agreement({"dsv3:absorb": spec | dict(impl="dsv3:absorb", ckpt=str(good)),
                                    "transformers": spec | dict(impl="transformers", ckpt=str(bad))},
                                   decode.spawn_worker, "float32")
+
+
+def test_bench_decode_fp8_release_format_beside_bf16(tmp_path):
+    """--dtype fp8: the preset converted to the FP8 release format by dsv3's converter, timed as stored (FP8
+    weights: fewer bytes) and dequantised to bf16 at load (what `dsv3 generate` does on a CPU)."""
+    env = dict(os.environ, DSV3_BENCH_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dsv3.cli", "bench", "decode", "--preset", "tiny", "--dtype", "fp8", "--batch", "1",
+           "--prompt", "8", "--new", "2", "--repeats", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["impl"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])["rows"]}
+    assert set(rows) == {"dsv3:absorb", "dsv3-fp8:absorb"}
+    assert all(row["decode_tok_s"] > 0 for row in rows.values())
+    assert rows["dsv3-fp8:absorb"]["weights_mb"] < 0.75 * rows["dsv3:absorb"]["weights_mb"]
+    from dsv3.config import ModelArgs
+
+    assert ModelArgs.load(tmp_path / "tiny-fp8").dtype == "fp8"
+    r = subprocess.run([*cmd, "--compare", "transformers"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "--dtype fp8" in r.stderr and "Traceback" not in r.stderr

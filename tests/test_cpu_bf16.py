@@ -51,3 +51,18 @@ def test_einsum_matches_float64_rounded_to_bf16(monkeypatch, native):
                                rtol=2 ** -8, atol=1e-2)
     if not native:
         assert torch.equal(got, torch.einsum("bsht,btc->bshc", probs.float(), kv.float()).bfloat16())
+
+
+def test_upcasting_products_compile_as_one_graph():
+    """Under torch.compile (the static decode step's, fullgraph) the CPU check is a constant, not a traced file
+    read: `dsv3 generate --compile --dtype bfloat16` failed on this before."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 256, generator=g).bfloat16()
+    w = torch.randn(384, 256, generator=g).bfloat16()
+    q = torch.randn(2, 1, 4, 64, generator=g).bfloat16()
+    kv = torch.randn(4, 64, 96, generator=g).bfloat16()
+    lin = torch.compile(cpu_bf16.linear, fullgraph=True)
+    ein = torch.compile(lambda a, b: cpu_bf16.einsum("bshd,hdc->bshc", a, b), fullgraph=True)
+    torch.testing.assert_close(lin(x, w), cpu_bf16.linear(x, w), rtol=2 ** -8, atol=1e-3)
+    torch.testing.assert_close(ein(q, kv), cpu_bf16.einsum("bshd,hdc->bshc", q, kv), rtol=2 ** -8, atol=1e-3)
+    torch._dynamo.reset()

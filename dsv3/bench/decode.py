@@ -22,6 +22,7 @@ from dsv3.bench import llama_cpp
 from dsv3.bench.agreement import AGREE_NEW, check_agreement
 from dsv3.checkpoint import load_model, save_model
 from dsv3.config import ModelArgs
+from dsv3.convert import convert
 from dsv3.decode_step import DecodeRunner
 from dsv3.errors import UsageError
 from dsv3.info import param_counts
@@ -29,6 +30,8 @@ from dsv3.memory import keep_freed_memory
 from dsv3.model import Transformer
 from dsv3.outputs import check_output_path
 
+FP8_STORED = "dsv3-fp8:absorb"  # --dtype fp8: the FP8 weights kept FP8 (dequantised per product on CPU)
+STORED = "stored"  # a worker dtype: load_model(dtype=None)
 BENCH_DIR = Path(os.environ.get("DSV3_BENCH_DIR", Path.home() / ".cache" / "dsv3" / "bench"))
 
 
@@ -44,6 +47,9 @@ def ensure_checkpoint(preset: str, dtype: str, index_topk: int = 0) -> Path:
 
     path = BENCH_DIR / (f"{preset}-v32-top{index_topk}-{dtype}" if index_topk else f"{preset}-{dtype}")
     if (path / "config.json").is_file():
+        return path
+    if dtype == "fp8":  # the release format, made by dsv3's own converter from the bf16 checkpoint
+        convert(ensure_checkpoint(preset, "bfloat16"), path, "fp8", progress=False)
         return path
     args = ModelArgs.preset(preset)
     if index_topk:
@@ -95,7 +101,7 @@ def _rss_bytes() -> int:
 def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    dtype = getattr(torch, spec["dtype"])
+    dtype = None if spec["dtype"] == STORED else getattr(torch, spec["dtype"])
     device = torch.device(spec.get("device", "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     b, prompt, new = spec["batch"], spec["prompt"], spec["new"]
@@ -252,7 +258,7 @@ def run(ns) -> int:
     peers = [i for i in impls if i in PEER_KEYS]
     agreement = check_agreement({i: specs[i] for i in ["dsv3:absorb"] + peers}, spawn_worker, ns.dtype) if peers else {}
     bw = read_bandwidth(ns.threads) if ns.device == "cpu" else ns.hbm_gb_s * 1e9
-    bpp = 4 if ns.dtype == "float32" else 2
+    bpp = 4 if ns.dtype == "float32" else 2  # fp8: the floor of the same weights in bf16
     rows = []
     for batch in ns.batch:
         for prompt in ns.prompt:
@@ -287,6 +293,9 @@ def _check_args(ns) -> None:
         raise UsageError(f"--attn {ns.attn!r}: expected absorb, naive or absorb,naive")
     if ns.sparse and ns.ckpt:
         raise UsageError("--sparse times the preset with and without an indexer: give --preset, not --ckpt")
+    if ns.dtype == "fp8" and (ns.compare or ns.sparse):
+        raise UsageError("--dtype fp8 times dsv3 on the FP8 release format against itself dequantised to bf16: "
+                         "drop --compare and --sparse")
     if ns.cuda_graph and not ns.device.startswith("cuda"):
         raise UsageError(f"--cuda-graph needs --device cuda (got --device {ns.device})")
     if ns.plot:
@@ -306,6 +315,8 @@ def _implementations(ns, ckpt: Path, vocab: int) -> tuple[list[str], dict[str, d
         modes["dsv3-compile+cudagraph:absorb" if ns.compile else "dsv3-cudagraph:absorb"] = \
             "compile+cuda-graph" if ns.compile else "cuda-graph"
     impls += list(modes)
+    if ns.dtype == "fp8":  # the FP8 checkpoint as stored, beside the same dequantised to bf16 at load (the others)
+        impls.append(FP8_STORED)
     ckpts = dict.fromkeys(impls + list(ns.compare) + ["dsv3:absorb"], ckpt)
     if ns.sparse:  # V3.2's sparse attention beside the dense rows (the preset without an indexer)
         sparse = [f"dsv3-sparse{ns.sparse}:{a}" for a in attn]
@@ -316,10 +327,18 @@ def _implementations(ns, ckpt: Path, vocab: int) -> tuple[list[str], dict[str, d
         src = llama_cpp.check_available(ns.llama_cpp_src)
         extra["llama.cpp"] = dict(gguf=str(llama_cpp.ensure_gguf(ckpt, ns.dtype, src)))
     impls += list(ns.compare)
-    specs = {i: extra.get(i, {}) | dict(impl=i, ckpt=str(ckpts[i]), dtype=ns.dtype, threads=ns.threads,
-                                        device=ns.device, vocab=vocab, mode=modes.get(i, "readable"))
+    specs = {i: extra.get(i, {}) | dict(impl=i, ckpt=str(ckpts[i]), dtype=_worker_dtype(i, ns.dtype),
+                                        threads=ns.threads, device=ns.device, vocab=vocab,
+                                        mode=modes.get(i, "readable"))
              for i in impls + ["dsv3:absorb"]}
     return impls, specs
+
+
+def _worker_dtype(impl: str, dtype: str) -> str:
+    """What a worker loads the weights as: --dtype, except for an FP8 checkpoint (as stored, or bf16)."""
+    if dtype != "fp8":
+        return dtype
+    return STORED if impl == FP8_STORED else "bfloat16"
 
 
 def _row(impl: str, batch: int, prompt: int, runs: list[dict], floor_s: float) -> dict:
@@ -331,7 +350,7 @@ def _row(impl: str, batch: int, prompt: int, runs: list[dict], floor_s: float) -
                 decode_tok_s=batch / med("decode_step_s"), decode_step_ms=1e3 * med("decode_step_s"),
                 first_step_s=med("first_step_s"), x_floor=med("decode_step_s") / floor_s,
                 peak_rss_mb=med("peak_rss") / 2**20, rss_growth_mb=med("peak_rss_growth") / 2**20,
-                kv_bytes_per_token=med("kv_bytes_per_token"))
+                kv_bytes_per_token=med("kv_bytes_per_token"), weights_mb=med("weights_bytes") / 2**20)
 
 
 PEER_KEYS = {"transformers": "transformers", "llama.cpp": "llama_cpp"}

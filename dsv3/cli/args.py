@@ -13,6 +13,7 @@ import re
 from dsv3.options import non_negative, positive, real, seed
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}  # --dtype -> torch
+STORED = "stored"  # --dtype stored: every tensor as the checkpoint stores it, on every device
 
 
 def device_name(s: str) -> str:
@@ -27,8 +28,10 @@ def add_model_args(p) -> None:
     src.add_argument("--ckpt", help="Hugging Face DeepSeek-V3 directory (config.json + safetensors [+ tokenizer]); "
                                     "default: the bundled small model")
     src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dequantise/cast the weights at load (default: as stored; FP8 stays FP8)")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + [STORED], default=None,
+                   help="dequantise/cast the weights at load (default: as stored, except FP8 weights on a CPU, "
+                        "dequantised to bf16 -- a CPU has no FP8 arithmetic and dequantising at every product "
+                        "decodes ~5x slower; 'stored' keeps them FP8 there too)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--max-seq-len", type=positive, default=None,
                    help="longest prompt + generation, sizes the cache (default: the checkpoint's max_seq_len)")

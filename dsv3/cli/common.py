@@ -19,7 +19,7 @@ from dsv3 import distributed, parallel
 from dsv3.checkpoint import default_checkpoint, load_model
 from dsv3.cli.args import DTYPES
 from dsv3.config import ModelArgs
-from dsv3.errors import UsageError
+from dsv3.errors import Dsv3Error, UsageError
 from dsv3.memory import check_fits, keep_freed_memory, module_bytes
 from dsv3.model import Transformer
 from dsv3.sampling import check_sampling
@@ -38,7 +38,7 @@ def check_sampling_args(ns) -> None:
 # ---------------------------------------------------------------------- model + tokenizer
 def load(ns):
     """(model, tokenizer or None, eos id or None) for --ckpt / --preset / the bundled model."""
-    dtype = getattr(torch, DTYPES[ns.dtype]) if ns.dtype else None
+    dtype = getattr(torch, DTYPES[ns.dtype]) if ns.dtype in DTYPES else None
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -64,12 +64,23 @@ def load(ns):
             model = parallel.parallelize(model, group)
         return model, None, None
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
+    if ns.dtype is None and torch.device(device).type == "cpu" and _stores_fp8(path):
+        dtype = torch.bfloat16  # see --dtype's help: FP8 on a CPU is a storage format, not an arithmetic
     model = load_model(path, dtype=dtype, device=device, group=group, check_weights=ns.check_weights, **overrides)
     tok = None
     if (path / "tokenizer.json").is_file() or (path / "tiktoken.model").is_file():  # tiktoken: Kimi K2
         tok = Tokenizer.from_dir(path)
     eos = tok.eos_id if tok is not None else config_eos(path)
     return model, tok, eos
+
+
+def _stores_fp8(path: Path) -> bool:
+    """Whether the checkpoint's config declares FP8 weights (a config that cannot be read: False, and
+    `load_model` reports what is wrong with it)."""
+    try:
+        return ModelArgs.load(path).dtype == "fp8"
+    except (Dsv3Error, OSError, ValueError):
+        return False
 
 
 def cuda_available() -> bool:

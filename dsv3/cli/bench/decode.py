@@ -13,6 +13,9 @@ asks for the last position's logits only). `--compare llama.cpp` converts the ch
 with llama.cpp's own converter (cached beside it); batch B runs as B sequences of one llama.cpp
 context (its low-level API). Before timing, every peer's teacher-forced logits must agree with
 dsv3's (median relative L2 <= 1e-4 in float32, 0.1 in bf16) and, in float32, its 16 greedy tokens too.
+`--dtype fp8` converts the preset to the FP8 release format (`dsv3 convert`) and times it kept FP8 (row
+`dsv3-fp8`) beside the same checkpoint dequantised to bf16 at load (the other rows: what `dsv3 generate` does
+on a CPU); the floor is then bf16's.
 `--sparse TOPK` adds rows for the same preset with V3.2's lightning indexer (4 heads x 64; its keys cached
 beside the latents), attending to TOPK gathered tokens per query: with `--contexts` the dense step grows
 with the context, the sparse one's attention stops growing beyond TOPK (the indexer still scores every key).

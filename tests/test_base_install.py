@@ -97,6 +97,14 @@ def test_convert_bf16_fp32_fp8(base):
         assert len(json.loads(out)["tokens"][0]) == 3
 
 
+def test_bench_slice_small_on_cpu(base):
+    """`dsv3 bench slice` (issue #16's GPU run) needs no extra: a tiny-width slice on CPU, parity checked."""
+    _, _, where = base
+    r = _run(base, "bench", "slice", "--dir", str(where / "slice"), "--config", "tiny", "--device", "cpu",
+             "--batch", "1", "--context", "12", "--mode", "readable,static", "--steps", "2", "--prefill", "16")
+    assert r.stdout.splitlines()[-1] == "parity: ok"
+
+
 def test_train_two_steps_and_resume(base):
     _, _, where = base
     corpus = where / "corpus"

@@ -8,6 +8,7 @@ no torch.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import platform
@@ -177,31 +178,34 @@ def run(ns) -> int:
     t = time.perf_counter()
     res["written"] = ensure_slice(path, args, device, ns.seed)
     res["write_s"] = time.perf_counter() - t
+    _progress(f"slice {'written' if res['written'] else 'found'} in {path} ({res['write_s']:.0f} s)")
 
-    t = time.perf_counter()
-    model = load_model(path, device=device, gemm_impl="fp8")
-    res["load_s"] = time.perf_counter() - t
-    res["memory"] = _memory(model, args, ns, device, sync)
+    # the reference first (the slice dequantised to bf16 at load), so that parity is known before any timing
     tokens = torch.randint(0, args.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.inference_mode():
-        fp8_logits = {}
-        for impl in ("fp8", "bf16"):
-            set_gemm_impl(model, impl)
-            fp8_logits[impl] = model(tokens).cpu()
-        set_gemm_impl(model, "fp8")
-        res["cells"] = _decode_cells(model, ns, sync)
-        res["projection"] = _projection(model, res["cells"], dense, full, ns, sync)
-    del model
-    _free(device)
     reference = load_model(path, device=device, dtype=torch.bfloat16)
     with torch.inference_mode():
         ref = reference(tokens).cpu()
     del reference
-    res["parity"] = {impl: {"rel_l2": relative_l2(out, ref), "tolerance": TOLERANCE[impl],
-                            "top1_agree": int((out.argmax(-1) == ref.argmax(-1)).sum()), "positions": PROMPT}
-                     for impl, out in fp8_logits.items()}
-    ok = all(p["rel_l2"] <= p["tolerance"] for p in res["parity"].values())
-    res["parity_ok"] = ok
+    _free(device)
+    t = time.perf_counter()
+    model = load_model(path, device=device, gemm_impl="fp8")
+    res["load_s"] = time.perf_counter() - t
+    _progress(f"loaded FP8 in {res['load_s']:.1f} s")
+    res["memory"] = _memory(model, args, ns, device, sync)
+    _progress(f"memory and prefill: {json.dumps(res['memory'])}")
+    res["parity"] = {}
+    with torch.inference_mode():
+        for impl in ("fp8", "bf16"):
+            set_gemm_impl(model, impl)
+            out = model(tokens).cpu()
+            res["parity"][impl] = {"rel_l2": relative_l2(out, ref), "tolerance": TOLERANCE[impl],
+                                   "top1_agree": int((out.argmax(-1) == ref.argmax(-1)).sum()), "positions": PROMPT}
+        set_gemm_impl(model, "fp8")
+        ok = all(p["rel_l2"] <= p["tolerance"] for p in res["parity"].values())
+        res["parity_ok"] = ok
+        _progress(f"parity: {json.dumps(res['parity'])}")
+        res["cells"] = _decode_cells(model, ns, sync)
+        res["projection"] = _projection(model, res["cells"], dense, full, ns, sync)
     if ns.json_out:
         Path(ns.json_out).write_text(json.dumps(res, indent=1))
     _print(res, args)
@@ -209,8 +213,15 @@ def run(ns) -> int:
 
 
 def _free(device: torch.device) -> None:
+    gc.collect()  # runners, captured graphs and compiled steps of the cell just timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _progress(text: str) -> None:
+    """One line per finished stage, flushed: if the run is cut short (a device session's time), the log
+    still holds what was measured."""
+    print(f"[slice] {text}", flush=True)
 
 
 def _memory(model, args: ModelArgs, ns, device: torch.device, sync) -> dict:
@@ -252,6 +263,7 @@ def _decode_cells(model, ns, sync) -> list[dict]:
                     cell["skipped"] = "--budget-s"
                 else:
                     cell.update(_timed(model, batch, ctx, mode, ns.steps, sync))
+                    _progress(f"decode {json.dumps(cell)}")
                 cells.append(cell)
     return cells
 

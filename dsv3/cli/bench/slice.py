@@ -20,6 +20,8 @@ Steps, each reported (and printed as a short table last):
    0..3 layers, the fastest measured batch-1 mode): compute = (t_rest + 3 t_dense + 58 t_moe) / gpus, plus two
    all-reduces per layer at --allreduce-us each (an assumption, not measured: the order of NCCL's small-message
    latency on NVSwitch systems), against the weight-streaming floor (activated bytes / (gpus x --hbm-tbs)).
+The bf16 reference is loaded (and freed) first, so parity is known before any timing; each stage prints a
+`[slice]` line as it finishes, so a run cut short still leaves what it measured in the log.
 --budget-s bounds the timed part: cells not reached are reported as skipped. Cells that fail (e.g. a mode the
 device does not support) report their error and the rest go on.
 """

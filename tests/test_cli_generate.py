@@ -324,24 +324,27 @@ def test_check_weights_flag(fp8_ckpt, tmp_path, capsys):
                     "tensor model.norm.weight holds NaN/Inf (1+ value(s), first at flat index 3)")
 
 
-def test_fp8_checkpoint_on_cpu_is_dequantised_unless_stored(fp8_ckpt):
-    """On a CPU the command line dequantises FP8 weights to bf16 at load (no FP8 arithmetic there); `--dtype
-    stored` keeps them FP8, `--dtype fp32` still wins; the tokens are the library's FP8 model's either way."""
+def test_fp8_checkpoint_on_cpu_is_dequantised_unless_stored(fp8_ckpt, fp8_ckpt_f32):
+    """On a CPU the command line dequantises FP8 weights at load (no FP8 arithmetic there) into the dtype of the
+    checkpoint's other tensors (bf16 or float32 here); `--dtype stored` keeps them FP8, `--dtype fp32` still
+    wins; the tokens are the library's FP8 model's either way."""
     from dsv3.cli import build_parser
     from dsv3.cli.common import load
 
-    def expert_dtype(*flags):
-        ns = build_parser().parse_args(["generate", "--ckpt", str(fp8_ckpt), "--device", "cpu", *flags, "x"])
+    def dtypes(ckpt, *flags):
+        ns = build_parser().parse_args(["generate", "--ckpt", str(ckpt), "--device", "cpu", *flags, "x"])
         model = load(ns)[0]
-        return next(blk.ffn.experts[0].w1.weight.dtype for blk in model.layers if hasattr(blk.ffn, "experts"))
+        expert = next(blk.ffn.experts[0].w1.weight for blk in model.layers if hasattr(blk.ffn, "experts"))
+        return expert.dtype, model.embed.weight.dtype
 
-    assert expert_dtype() == torch.bfloat16
-    assert expert_dtype("--dtype", "stored") == torch.float8_e4m3fn
-    assert expert_dtype("--dtype", "fp32") == torch.float32
-    ids = [[5, 17, 300, 2]]
-    expected, _ = _expected(fp8_ckpt, ids, 8)  # the library, FP8 as stored
-    for flags in ([], ["--dtype", "stored"]):
-        r = run_cli("generate", "--ckpt", fp8_ckpt, "--device", "cpu", "--prompt-ids", "5,17,300,2",
-                    "--max-new-tokens", "8", "--json", *flags)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == expected
+    assert dtypes(fp8_ckpt) == (torch.bfloat16, torch.bfloat16)
+    assert dtypes(fp8_ckpt_f32) == (torch.float32, torch.float32)
+    assert dtypes(fp8_ckpt, "--dtype", "stored") == (torch.float8_e4m3fn, torch.bfloat16)
+    assert dtypes(fp8_ckpt, "--dtype", "fp32") == (torch.float32, torch.float32)
+    for ckpt in (fp8_ckpt, fp8_ckpt_f32):
+        expected = dsv3.generate(dsv3.load_model(ckpt), [[5, 17, 300, 2]], 8)  # the library, FP8 as stored
+        for flags in ([], ["--dtype", "stored"]):
+            r = run_cli("generate", "--ckpt", ckpt, "--device", "cpu", "--prompt-ids", "5,17,300,2",
+                        "--max-new-tokens", "8", "--json", *flags)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == expected, (ckpt, flags)

@@ -30,8 +30,9 @@ def add_model_args(p) -> None:
     src.add_argument("--preset", help="random weights of a preset config (tiny, ...): for smoke tests")
     p.add_argument("--dtype", choices=sorted(DTYPES) + [STORED], default=None,
                    help="dequantise/cast the weights at load (default: as stored, except FP8 weights on a CPU, "
-                        "dequantised to bf16 -- a CPU has no FP8 arithmetic and dequantising at every product "
-                        "decodes ~5x slower; 'stored' keeps them FP8 there too)")
+                        "dequantised once into the dtype of the checkpoint's other tensors, bf16 in the release -- "
+                        "a CPU has no FP8 arithmetic and dequantising at every product decodes ~5x slower; "
+                        "'stored' keeps them FP8 there too)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--max-seq-len", type=positive, default=None,
                    help="longest prompt + generation, sizes the cache (default: the checkpoint's max_seq_len)")

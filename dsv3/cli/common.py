@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from dsv3 import distributed, parallel
-from dsv3.checkpoint import default_checkpoint, load_model
+from dsv3.checkpoint import compute_dtype, default_checkpoint, load_model
 from dsv3.cli.args import DTYPES
 from dsv3.config import ModelArgs
 from dsv3.errors import Dsv3Error, UsageError
 from dsv3.memory import check_fits, keep_freed_memory, module_bytes
 from dsv3.model import Transformer
+from dsv3.safetensors_io import scan
 from dsv3.sampling import check_sampling
 from dsv3.tokenizer import Tokenizer
 
@@ -64,8 +65,8 @@ def load(ns):
             model = parallel.parallelize(model, group)
         return model, None, None
     path = Path(ns.ckpt) if ns.ckpt else default_checkpoint()
-    if ns.dtype is None and torch.device(device).type == "cpu" and _stores_fp8(path):
-        dtype = torch.bfloat16  # see --dtype's help: FP8 on a CPU is a storage format, not an arithmetic
+    if ns.dtype is None and torch.device(device).type == "cpu":
+        dtype = _fp8_dequantised_dtype(path)  # see --dtype's help: FP8 on a CPU is a storage format, not an arithmetic
     model = load_model(path, dtype=dtype, device=device, group=group, check_weights=ns.check_weights, **overrides)
     tok = None
     if (path / "tokenizer.json").is_file() or (path / "tiktoken.model").is_file():  # tiktoken: Kimi K2
@@ -74,13 +75,17 @@ def load(ns):
     return model, tok, eos
 
 
-def _stores_fp8(path: Path) -> bool:
-    """Whether the checkpoint's config declares FP8 weights (a config that cannot be read: False, and
-    `load_model` reports what is wrong with it)."""
+def _fp8_dequantised_dtype(path: Path) -> torch.dtype | None:
+    """For an FP8 checkpoint: the dtype its other tensors are stored in (bf16 in the release), which the FP8
+    weights are then dequantised into -- what the FP8 path computes in anyway, so the tokens do not change.
+    None for any other checkpoint, and for one whose config or headers cannot be read (`load_model` then
+    reports what is wrong with it). Reads config.json and the shards' headers only."""
     try:
-        return ModelArgs.load(path).dtype == "fp8"
+        if ModelArgs.from_hf_config(path).dtype != "fp8":
+            return None
+        return compute_dtype(scan(path).values())
     except (Dsv3Error, OSError, ValueError):
-        return False
+        return None
 
 
 def cuda_available() -> bool:

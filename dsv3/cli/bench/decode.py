@@ -43,7 +43,7 @@ def add_args(p) -> None:
     p.add_argument("--new", type=positive, default=64, help="decode steps timed per run (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "fp8"],
                    help="weights and activations; fp8: the preset in the FP8 release format (dsv3 convert), timed "
-                        "as stored (row dsv3-fp8) and dequantised to bf16 at load (what dsv3 generate does on a CPU)")
+                        "as stored (row dsv3-fp8) and dequantised to bf16 at load (what dsv3 generate does with it on a CPU)")
     p.add_argument("--threads", type=positive, default=1, help="torch threads per worker process")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (on CUDA the floor uses --hbm-gb-s)")
     p.add_argument("--hbm-gb-s", type=real(0, lo_open=True), default=4800.0,
